@@ -1,0 +1,33 @@
+"""bnjax: normalization layers for JAX as pure functions.
+
+Every method is an instance of h = f(g · (x − μ)/√(σ² + ε) + b); they differ only in where μ and
+σ² come from. See README.md for the conventions.
+"""
+
+from bnjax._src.methods import batch_norm as batch_norm
+from bnjax._src.methods import group_norm as group_norm
+from bnjax._src.methods import instance_norm as instance_norm
+from bnjax._src.methods import layer_norm as layer_norm
+from bnjax._src.methods import rms_norm as rms_norm
+from bnjax._src.params import NormParams as NormParams
+from bnjax._src.params import init_params as init_params
+from bnjax._src.running import BatchStats as BatchStats
+from bnjax._src.running import init_stats as init_stats
+from bnjax._src.statistics import moments as moments
+from bnjax._src.transform import normalize as normalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStats",
+    "NormParams",
+    "batch_norm",
+    "group_norm",
+    "init_params",
+    "init_stats",
+    "instance_norm",
+    "layer_norm",
+    "moments",
+    "normalize",
+    "rms_norm",
+]

@@ -1,0 +1,1 @@
+"""Implementation of bnjax. Import from :mod:`bnjax`, not from here."""

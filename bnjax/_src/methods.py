@@ -1,0 +1,374 @@
+"""Data-side methods: each chooses the axes its statistics run over, then calls the shared core.
+
+    batch norm      μ, σ² over every axis but the features (and across devices with axis_name)
+    layer norm      μ, σ² over the features of one example
+    group norm      μ, σ² per example over each group of channels (and the spatial axes)
+    instance norm   group norm with one channel per group
+    RMS norm        μ = 0, σ² = E[x²] over the features of one example
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from bnjax._src import collective, running, statistics
+from bnjax._src.params import NormParams, check_params
+from bnjax._src.running import BatchStats
+from bnjax._src.statistics import Moments
+from bnjax._src.transform import Activation, apply_normalization
+from bnjax._src.validation import (
+    Axes,
+    broadcast_shape_for,
+    canonical_axes,
+    check_eps,
+    check_floating,
+    check_mask,
+    check_momentum,
+)
+
+
+def _affine(params: NormParams, shape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
+    """Reshapes validated params to a broadcast shape against x."""
+    return tuple(None if p is None else p.reshape(shape) for p in params)  # type: ignore[return-value]
+
+
+def _require_several(size: int, what: str, method: str) -> None:
+    if size <= 1:
+        raise ValueError(
+            f"{method}: each statistic would be taken over a single element ({what}), so x − μ = 0 "
+            "and the output would be the bias alone, with zero gradient. Use more elements per "
+            "statistic (a larger batch or spatial extent, fewer groups) or a different method."
+        )
+
+
+def batch_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    stats: BatchStats,
+    *,
+    training: bool,
+    axis: Axes = -1,
+    momentum: float | None = 0.9,
+    eps: float = 1e-5,
+    axis_name: collective.AxisName | None = None,
+    mask: ArrayLike | None = None,
+    activation: Activation | None = None,
+    debias: bool = True,
+    unbiased_running_var: bool = False,
+) -> tuple[jax.Array, BatchStats]:
+    """Batch normalization with explicit running statistics.
+
+    Math (per feature c, over every axis of x except ``axis``, and over all participants of
+    ``axis_name``; only the valid elements when ``mask`` is given):
+
+        training:   μ_B = mean(x),  σ²_B = mean((x − μ_B)²)          (population variance)
+                    y = f( g · (x − μ_B)/√(σ²_B + ε) + b )
+                    stats ← decay · stats + (1 − decay) · (μ_B, σ²_B)
+        evaluation: y = f( g · (x − stats.mean)/√(stats.var + ε) + b ),  stats unchanged
+
+    ``decay`` is ``momentum`` (weight of the old value, Keras/Flax convention; PyTorch's ``p`` is
+    ``1 − p`` here), except that by default (``debias=True``) the first updates are an exact
+    average of the batches seen (decay = min(momentum, n/(n+1)) after n updates), so the stored
+    statistics equal the first batch's after one step. ``momentum=None``: cumulative average.
+
+    Running statistics are float32 (or wider) whatever x's dtype, carry ``stop_gradient``, and
+    ``new_stats`` has exactly the structure, shapes and dtypes of ``stats`` (safe in ``lax.scan``,
+    ``lax.cond`` and with buffer donation). A non-finite batch statistic leaves that feature's
+    running values unchanged and increments ``stats.skipped``; a batch with no valid element
+    leaves the state unchanged.
+
+    Args:
+      x: floating array, e.g. (N, H, W, C) with ``axis=-1`` or (N, C, H, W) with ``axis=1``.
+      params: ``NormParams`` of the feature shape (or ``None``: no affine map).
+      stats: ``BatchStats`` of the feature shape, e.g. from ``init_stats(C)``.
+      training: Python bool: batch statistics and an update (True) or stored statistics (False).
+      axis: the feature axis (or axes); statistics run over all the others.
+      momentum: weight of the old running value in [0, 1), or ``None`` for a cumulative average.
+      eps: ε > 0 added to the variance.
+      axis_name: mapped axis name(s) to compute batch statistics across (sync batch norm) under
+        ``pmap``, ``shard_map`` or ``vmap``; ``None`` under plain ``jit`` (sharded or not).
+      mask: optional boolean array of x's rank (dims 1 or equal to x's); False elements are
+        ignored by the statistics (their outputs are still computed).
+      activation: optional f applied to the normalized output.
+      debias: ``False`` gives the plain EMA of Flax/PyTorch (first step biased toward mean 0, var 1).
+      unbiased_running_var: store the unbiased variance M₂/(n−1) in the running statistics
+        (PyTorch's convention; normalization in training still uses the population variance).
+
+    Returns:
+      ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2.0 + 5.0
+      >>> params, stats = bnjax.init_params(3), bnjax.init_stats(3)
+      >>> y, stats = bnjax.batch_norm(x, params, stats, training=True)
+      >>> bool(jnp.allclose(stats.mean, x.mean(axis=(0, 1, 2))))
+      True
+      >>> y_eval, _ = bnjax.batch_norm(x, params, stats, training=False)
+
+    References:
+      Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by Reducing
+      Internal Covariate Shift".
+    """
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"training must be a Python bool, got {type(training).__name__}: it selects the "
+            "computation at trace time. Use jax.lax.cond over two calls to switch on a traced value."
+        )
+    x = check_floating(x)
+    feat = canonical_axes(axis, x.ndim, shape=x.shape)
+    reduce = tuple(a for a in range(x.ndim) if a not in feat)
+    feature_shape = tuple(x.shape[a] for a in feat)
+    params = check_params(params, feature_shape, f"the feature axis {axis!r} of x {x.shape}")
+    stats = running.check_stats(stats, feature_shape)
+    check_eps(eps)
+    check_momentum(momentum)
+    mask = check_mask(mask, x)
+    bshape = broadcast_shape_for(feature_shape, feat, x.ndim)
+    scale, bias = _affine(params, bshape)
+    with jax.named_scope("bnjax.batch_norm"):
+        if not training:
+            mean = jax.lax.stop_gradient(stats.mean).reshape(bshape)
+            var = jax.lax.stop_gradient(stats.var).reshape(bshape)
+            return apply_normalization(x, mean, var, scale, bias, eps, activation), stats
+        per_feature = 1
+        for a in reduce:
+            per_feature *= x.shape[a]
+        if axis_name is not None:
+            per_feature *= collective.axis_size(axis_name)
+        if mask is None:
+            _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", "batch_norm(training=True)")
+        batch = statistics.global_moments(x, reduce, mask, axis_name)
+        y = apply_normalization(x, batch.mean, batch.var, scale, bias, eps, activation)
+        flat = Moments(*(v.reshape(feature_shape) for v in batch))
+        new_stats = running.update(
+            stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
+        )
+        return y, new_stats
+
+
+def layer_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    *,
+    axis: Axes = -1,
+    eps: float = 1e-5,
+    activation: Activation | None = None,
+    feature_axis: Axes | None = None,
+) -> jax.Array:
+    """Layer normalization: statistics over the features of each example.
+
+    Math (for each position of the axes not in ``axis``):
+
+        μ = mean over ``axis`` of x,   σ² = mean over ``axis`` of (x − μ)²
+        y = f( g · (x − μ)/√(σ² + ε) + b )
+
+    Same computation in training and evaluation; no running statistics.
+
+    Args:
+      x: floating array, e.g. (batch, ..., features).
+      params: ``NormParams`` of shape ``x.shape[feature_axis]`` (or ``None``).
+      axis: normalized axis or axes, e.g. ``-1`` or ``(1, 2, 3)`` for (N, H, W, C).
+      eps: ε > 0.
+      activation: optional f.
+      feature_axis: the axes g and b vary over; default ``axis`` (one g per normalized element,
+        PyTorch's ``elementwise_affine``). Use ``feature_axis=-1`` for per-channel g, b when
+        normalizing over (H, W, C) (Flax's ``feature_axes``).
+
+    Returns:
+      y, x's shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> y = bnjax.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), bnjax.init_params(3))
+      >>> y.round(3)
+      Array([[-1.225,  0.   ,  1.225]], dtype=float32)
+
+    References:
+      Ba, Kiros & Hinton 2016, "Layer Normalization".
+    """
+    x = check_floating(x)
+    axes = canonical_axes(axis, x.ndim, shape=x.shape)
+    feat = axes if feature_axis is None else canonical_axes(feature_axis, x.ndim, name="feature_axis", shape=x.shape)
+    check_eps(eps)
+    feature_shape = tuple(x.shape[a] for a in feat)
+    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    size = 1
+    for a in axes:
+        size *= x.shape[a]
+    _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
+    with jax.named_scope("bnjax.layer_norm"):
+        m = statistics.local_moments(x, axes)
+        scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
+        return apply_normalization(x, m.mean, m.var, scale, bias, eps, activation)
+
+
+def _grouped(
+    x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str
+) -> jax.Array:
+    """Group-wise normalization: split channels into groups, statistics per (example, group)."""
+    channels = x.shape[axis]
+    shape = x.shape[:axis] + (num_groups, channels // num_groups) + x.shape[axis + 1 :]
+    xg = x.reshape(shape)
+    reduce = tuple(a for a in range(1, xg.ndim) if a != axis)
+    size = 1
+    for a in reduce:
+        size *= xg.shape[a]
+    _require_several(size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1:]}", method)
+    m = statistics.local_moments(xg, reduce)
+    pshape = broadcast_shape_for((num_groups, channels // num_groups), (axis, axis + 1), xg.ndim)
+    scale, bias = _affine(params, pshape)
+    return apply_normalization(xg, m.mean, m.var, scale, bias, eps, activation).reshape(x.shape)
+
+
+def _channel_axis(x: jax.Array, axis: int, method: str) -> int:
+    if x.ndim < 2:
+        raise ValueError(f"{method} needs x with a leading batch axis and a channel axis, got shape {x.shape}.")
+    (ax,) = canonical_axes(axis, x.ndim, shape=x.shape)
+    if ax == 0:
+        raise ValueError(
+            f"{method}: axis={axis} selects axis 0, which is the batch axis (statistics are per "
+            "example): use axis=-1 for (N, ..., C) or axis=1 for (N, C, ...)."
+        )
+    return ax
+
+
+def group_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    *,
+    num_groups: int,
+    axis: int = -1,
+    eps: float = 1e-5,
+    activation: Activation | None = None,
+) -> jax.Array:
+    """Group normalization: per example, statistics over each group of channels and all spatial axes.
+
+    Math: split the C channels into G groups of C/G; for example n and group k,
+
+        μ_nk = mean of x[n, ..., channels of k],  σ²_nk likewise
+        y = f( g_c · (x − μ_nk)/√(σ²_nk + ε) + b_c )        (g, b per channel)
+
+    Axis 0 is the batch axis. G = 1 is layer norm over (spatial, C) with per-channel g, b;
+    G = C is instance norm.
+
+    Args:
+      x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``).
+      params: ``NormParams`` of shape (C,) (or ``None``).
+      num_groups: G, a divisor of C.
+      axis: channel axis (not 0).
+      eps: ε > 0.
+      activation: optional f.
+
+    Returns:
+      y, x's shape and dtype.
+
+    Example:
+      >>> import jax, bnjax
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+      >>> bnjax.group_norm(x, bnjax.init_params(32), num_groups=8).shape
+      (2, 8, 8, 32)
+
+    References:
+      Wu & He 2018, "Group Normalization".
+    """
+    x = check_floating(x)
+    ax = _channel_axis(x, axis, "group_norm")
+    check_eps(eps)
+    channels = x.shape[ax]
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+        raise ValueError(
+            f"num_groups={num_groups!r} must be a positive divisor of the {channels} channels of x "
+            f"{x.shape} (axis={axis}); divisors: {divisors}."
+        )
+    params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    with jax.named_scope("bnjax.group_norm"):
+        return _grouped(x, params, num_groups, ax, eps, activation, "group_norm")
+
+
+def instance_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    *,
+    axis: int = -1,
+    eps: float = 1e-5,
+    activation: Activation | None = None,
+) -> jax.Array:
+    """Instance normalization: statistics over the spatial axes, per example and channel.
+
+    Math: for example n and channel c, μ_nc, σ²_nc over the spatial positions;
+    y = f( g_c · (x − μ_nc)/√(σ²_nc + ε) + b_c ). Equal to ``group_norm`` with G = C.
+
+    Args:
+      x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``) with at least one
+        spatial axis of total size > 1.
+      params: ``NormParams`` of shape (C,) (or ``None``).
+      axis: channel axis (not 0).
+      eps: ε > 0.
+      activation: optional f.
+
+    Returns:
+      y, x's shape and dtype.
+
+    Example:
+      >>> import jax, bnjax
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+      >>> bnjax.instance_norm(x, bnjax.init_params(3)).shape
+      (2, 8, 8, 3)
+
+    References:
+      Ulyanov, Vedaldi & Lempitsky 2016, "Instance Normalization: The Missing Ingredient for Fast
+      Stylization".
+    """
+    x = check_floating(x)
+    ax = _channel_axis(x, axis, "instance_norm")
+    check_eps(eps)
+    channels = x.shape[ax]
+    params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    with jax.named_scope("bnjax.instance_norm"):
+        return _grouped(x, params, channels, ax, eps, activation, "instance_norm")
+
+
+def rms_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    *,
+    axis: Axes = -1,
+    eps: float = 1e-6,
+    activation: Activation | None = None,
+) -> jax.Array:
+    """Root-mean-square normalization: σ² = E[x²] over the features, no centering (μ = 0).
+
+    Math:  y = f( g · x / √(mean over ``axis`` of x² + ε) + b )
+
+    Args:
+      x: floating array, e.g. (batch, ..., features).
+      params: ``NormParams`` of shape ``x.shape[axis]``; ``bias`` usually ``None``
+        (``init_params(C, use_bias=False)``).
+      axis: normalized axis or axes.
+      eps: ε > 0 (default 1e-6).
+      activation: optional f.
+
+    Returns:
+      y, x's shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> bnjax.rms_norm(jnp.array([[3.0, 4.0]]), bnjax.init_params(2, use_bias=False), eps=1e-12)
+      Array([[0.8485281, 1.1313709]], dtype=float32)
+
+    References:
+      Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+    """
+    x = check_floating(x)
+    axes = canonical_axes(axis, x.ndim, shape=x.shape)
+    check_eps(eps)
+    feature_shape = tuple(x.shape[a] for a in axes)
+    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    with jax.named_scope("bnjax.rms_norm"):
+        ms = statistics.mean_square(x, axes)
+        scale, bias = _affine(params, broadcast_shape_for(feature_shape, axes, x.ndim))
+        return apply_normalization(x, None, ms, scale, bias, eps, activation)

@@ -1,0 +1,154 @@
+"""Running statistics: explicit state in, explicit state out.
+
+Update rule (per feature, the Keras/Flax convention: ``momentum`` is the weight of the OLD value):
+
+    new = decay · old + (1 − decay) · batch,   decay = min(momentum, n/(n + 1))   (debias=True)
+                                               decay = momentum                   (debias=False)
+                                               decay = n/(n + 1)                  (momentum=None)
+
+where n is the number of updates this feature has received so far. With ``debias=True`` the
+first update stores the batch statistics themselves and the early ones are an exact average of
+the batches seen, so the stored mean/var are always directly usable; afterwards it is the plain
+EMA. ``debias=False`` is the plain EMA of Flax and PyTorch, starting from mean 0, var 1.
+
+Non-finite policy: if a feature's batch mean or variance is NaN or ±inf, that feature's running
+values are left unchanged and its ``skipped`` counter is incremented, so one bad batch can never
+poison the statistics and ``stats.skipped`` tells the user it happened. A batch with no valid
+element at all (everything masked) leaves the whole state unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax._src.statistics import Moments
+from bnjax._src.validation import stats_dtype_ok
+
+
+class BatchStats(NamedTuple):
+    """Running statistics of a batch-norm layer.
+
+    Attributes:
+      mean: running mean, shape ``(features,)``, float32 (or wider).
+      var: running variance, same shape; the population (biased) one unless the layer was
+        updated with ``unbiased_running_var=True`` (PyTorch's convention).
+      count: number of training updates applied, an int32 scalar.
+      skipped: per-feature int32 count of updates in which that feature's batch statistic was
+        non-finite (or it had no valid element) and was therefore not applied; ``None`` if not
+        tracked. ``count - skipped`` is the number of updates each feature actually received.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+    skipped: jax.Array | None = None
+
+
+def init_stats(features: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> BatchStats:
+    """Fresh running statistics: mean 0, var 1, count 0, skipped 0.
+
+    Args:
+      features: number of features (size of the channel axis), or a shape tuple.
+      dtype: float32 or wider; statistics and their EMA are never kept in low precision.
+
+    Returns:
+      ``BatchStats`` with ``mean``, ``var`` and ``skipped`` of shape ``(features,)`` and an int32
+      scalar ``count``.
+
+    Example:
+      >>> import bnjax
+      >>> bnjax.init_stats(2)
+      BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32), skipped=Array([0, 0], dtype=int32))
+
+    References:
+      Ioffe & Szegedy 2015, "Batch Normalization", §3.1 (inference with population statistics).
+    """
+    if not stats_dtype_ok(dtype):
+        raise TypeError(
+            f"init_stats(dtype={jnp.dtype(dtype)}): running statistics must be float32 or wider; "
+            "low-precision EMAs stall and lose the variance. The layer's output keeps x's dtype anyway."
+        )
+    shape = (features,) if isinstance(features, int) else tuple(features)
+    return BatchStats(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros(shape, jnp.int32),
+    )
+
+
+def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> BatchStats:
+    """Validates shapes and dtypes of ``stats`` against the features of x."""
+    if not isinstance(stats, BatchStats):
+        raise TypeError(
+            f"stats must be a bnjax.BatchStats, got {type(stats).__name__}; create it with "
+            f"bnjax.init_stats({feature_shape[0] if len(feature_shape) == 1 else feature_shape})."
+        )
+    fix = (
+        f"create matching stats with bnjax.init_stats({feature_shape[0] if len(feature_shape) == 1 else feature_shape}), "
+        "or pass the axis argument that selects the features these stats were made for."
+    )
+    for name in ("mean", "var") + (("skipped",) if stats.skipped is not None else ()):
+        value = jnp.shape(getattr(stats, name))
+        if value != feature_shape:
+            raise ValueError(f"stats.{name} has shape {value} but x's features have shape {feature_shape}: {fix}")
+    for name in ("mean", "var"):
+        dtype = jnp.result_type(getattr(stats, name))
+        if not stats_dtype_ok(dtype):
+            raise TypeError(
+                f"stats.{name} has dtype {dtype}: running statistics must be float32 or wider; "
+                "create them with bnjax.init_stats (float32 by default)."
+            )
+    if jnp.shape(stats.count) != ():
+        raise ValueError(f"stats.count must be a scalar, got shape {jnp.shape(stats.count)}.")
+    return stats
+
+
+def update(
+    stats: BatchStats,
+    batch: Moments,
+    *,
+    momentum: float | None,
+    debias: bool = True,
+    unbiased_running_var: bool = False,
+) -> BatchStats:
+    """Applies one update from batch moments (feature-shaped) to ``stats``; see the module docstring.
+
+    Returns state of exactly the structure, shapes and dtypes of ``stats``, with stopped gradients.
+    """
+    stats = jax.tree.map(lax.stop_gradient, stats)
+    n_batch, batch_mean, m2 = jax.tree.map(lax.stop_gradient, batch)
+    dtype = jnp.result_type(stats.mean)
+    batch_var = m2 / jnp.maximum(n_batch, 1)
+    if unbiased_running_var:
+        # PyTorch stores M₂/(n − 1); undefined for n ≤ 1, which the non-finite policy then skips.
+        batch_var = jnp.where(n_batch > 1, m2 / jnp.maximum(n_batch - 1, 1), jnp.inf)
+    apply = (n_batch > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    any_valid = jnp.any(n_batch > 0)
+
+    if momentum is None or debias:
+        seen = stats.count if stats.skipped is None else stats.count - stats.skipped
+        seen = seen.astype(dtype)
+        decay = seen / (seen + 1)
+        if momentum is not None:
+            decay = jnp.minimum(jnp.asarray(momentum, dtype), decay)
+        mean = decay * stats.mean + (1 - decay) * batch_mean.astype(dtype)
+        var = decay * stats.var + (1 - decay) * batch_var.astype(dtype)
+    else:
+        # The exact expression of Flax and PyTorch, for bit-level parity of the EMA itself.
+        mean = momentum * stats.mean + (1 - momentum) * batch_mean.astype(dtype)
+        var = momentum * stats.var + (1 - momentum) * batch_var.astype(dtype)
+
+    new_mean = jnp.where(apply & any_valid, mean, stats.mean).astype(jnp.result_type(stats.mean))
+    new_var = jnp.where(apply & any_valid, var, stats.var).astype(jnp.result_type(stats.var))
+    count_dtype = jnp.result_type(stats.count)
+    new_count = (stats.count + any_valid.astype(count_dtype)).astype(count_dtype)
+    new_skipped = None
+    if stats.skipped is not None:
+        skipped_dtype = jnp.result_type(stats.skipped)
+        new_skipped = (stats.skipped + (any_valid & ~apply).astype(skipped_dtype)).astype(skipped_dtype)
+    return BatchStats(new_mean, new_var, new_count, new_skipped)

@@ -1,0 +1,173 @@
+"""μ and σ²: the statistics every data-side method uses.
+
+Numerical method (shifted sums). For each statistic, take a shift K = one valid element of x
+(the first one along the reduced axes) and accumulate d = x − K:
+
+    n = Σ 1,   S₁ = Σ d,   S₂ = Σ d²,   μ = K + S₁/n,   M₂ = S₂ − S₁²/n,   σ² = M₂/n.
+
+Because K lies within a few σ of μ, the d are of order σ whatever |μ| is, so the subtraction in
+M₂ loses only a few bits (E[x²] − E[x]² loses log₂(μ²/σ²) of them), and x − K is exact when K and x
+are close (Sterbenz). A constant feature gives d = 0, hence μ = K exactly, σ² = 0, and an output of
+exactly b. It is one pass over x, fused by XLA into the two reductions.
+
+Across devices each participant contributes (n, μ, M₂) and the parts are merged exactly
+(Chan, Golub & LeVeque 1979), relative to one participant's mean to keep the merge just as stable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax._src import collective
+from bnjax._src.validation import Axes, canonical_axes, check_floating, check_mask
+
+
+class Moments(NamedTuple):
+    """Sufficient statistics of a set of values: count, mean and M₂ = Σ(x − mean)².
+
+    Shapes are those of x with the reduced axes kept as size 1 (broadcastable against x).
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+    @property
+    def var(self) -> jax.Array:
+        """Population variance M₂/n (0 where n = 0)."""
+        return self.m2 / jnp.maximum(self.count, 1)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Statistics are computed in float32, or wider when x is wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
+    """One valid element of x per statistic (the first along ``axes``), keepdims shape."""
+    if mask is None:
+        index = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+        return lax.stop_gradient(x[index])
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    perm = axes + kept
+    kept_shape = tuple(x.shape[a] for a in kept)
+    flat_x = jnp.transpose(x, perm).reshape((-1,) + kept_shape)
+    flat_m = jnp.transpose(jnp.broadcast_to(mask, x.shape), perm).reshape((-1,) + kept_shape)
+    first = jnp.argmax(flat_m, axis=0)  # index of the first True (0 when there is none)
+    k = jnp.take_along_axis(flat_x, first[None], axis=0)[0]
+    keep_shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim))
+    return lax.stop_gradient(k.reshape(keep_shape))
+
+
+def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:
+    """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``."""
+    dtype = compute_dtype(x.dtype)
+    k = _shift(x, axes, mask).astype(dtype)
+    d = x.astype(dtype) - k
+    if mask is None:
+        size = 1
+        for a in axes:
+            size *= x.shape[a]
+        n = jnp.full(k.shape, size, dtype)
+    else:
+        d = jnp.where(mask, d, jnp.zeros((), dtype))
+        n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
+    s1 = jnp.sum(d, axis=axes, keepdims=True)
+    s2 = jnp.sum(d * d, axis=axes, keepdims=True)
+    safe_n = jnp.maximum(n, 1)  # n = 0 only when masked out: its statistics are defined as 0
+    mean = jnp.where(n > 0, k + s1 / safe_n, jnp.zeros((), dtype))
+    m2 = jnp.maximum(s2 - s1 * (s1 / safe_n), 0)
+    return Moments(n, mean, m2)
+
+
+def merge(parts: Moments) -> Moments:
+    """Merges moments stacked along axis 0 into the moments of the union (exact, count-weighted).
+
+    With d_i = μ_i − μ_r for a reference part r:  μ = μ_r + Σ nᵢdᵢ/N,
+    M₂ = Σ M₂ᵢ + Σ nᵢ (dᵢ − d̄)².  Parts with nᵢ = 0 contribute nothing.
+    """
+    n, mean, m2 = parts
+    total = jnp.sum(n, axis=0)
+    ref = jnp.take_along_axis(mean, jnp.argmax(n, axis=0)[None], axis=0)[0]
+    d = jnp.where(n > 0, mean - ref, jnp.zeros((), mean.dtype))
+    d_bar = jnp.sum(n * d, axis=0) / jnp.maximum(total, 1)
+    centered = jnp.where(n > 0, d - d_bar, jnp.zeros((), mean.dtype))
+    m2_total = jnp.sum(m2, axis=0) + jnp.sum(n * centered * centered, axis=0)
+    return Moments(total, jnp.where(total > 0, ref + d_bar, jnp.zeros((), mean.dtype)), m2_total)
+
+
+def global_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    axis_name: collective.AxisName | None = None,
+) -> Moments:
+    """Local moments, merged across ``axis_name`` when given (one collective)."""
+    local = local_moments(x, axes, mask)
+    if axis_name is None:
+        return local
+    stacked = collective.gather_replicated(jnp.stack(local), axis_name)
+    return merge(Moments(stacked[:, 0], stacked[:, 1], stacked[:, 2]))
+
+
+def mean_square(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """E[x²] over ``axes`` (keepdims) in ``compute_dtype(x.dtype)``: the σ² of RMS norm (μ = 0)."""
+    xc = x.astype(compute_dtype(x.dtype))
+    return jnp.mean(xc * xc, axis=axes, keepdims=True)
+
+
+def moments(
+    x: jax.Array,
+    axis: Axes,
+    *,
+    mask: jax.Array | None = None,
+    axis_name: collective.AxisName | None = None,
+    keepdims: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and population variance of ``x`` over ``axis``, numerically stable.
+
+    Math (per statistic, over the valid elements i):
+
+        μ = (1/n) Σᵢ xᵢ,        σ² = (1/n) Σᵢ (xᵢ − μ)²
+
+    computed by shifted sums (see the module docstring): stable in float32 for |μ| ≫ σ (relative
+    error of σ² at the float32 floor, ~1e-6, up to |μ|/σ = 1e5), exact for constant features, and
+    in float32 for bfloat16/float16 input. With ``mask``, only elements where ``mask`` is True
+    count, each statistic weighted by its own count; a statistic with no valid element is 0. With
+    ``axis_name``, the statistics are over the union of the data of every participant of that
+    mapped axis, count-weighted, and identical (replicated) on every participant.
+
+    Args:
+      x: floating array of any shape.
+      axis: the reduced axis or axes (int or tuple).
+      mask: optional boolean array of x's rank, each dimension 1 or equal to x's.
+      axis_name: a mapped axis name (or a tuple of them) bound by ``pmap``, ``shard_map`` or
+        ``vmap(axis_name=...)``; one collective per call.
+      keepdims: keep the reduced axes as size 1 (broadcastable against x, e.g. for ``normalize``).
+
+    Returns:
+      ``(mean, var)``, float32 (or x's dtype if wider), of x's shape without ``axis``
+      (or with size-1 axes when ``keepdims``).
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> mean, var = bnjax.moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]), axis=0)
+      >>> mean, var
+      (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
+
+    References:
+      Chan, Golub & LeVeque 1979/1983, "Algorithms for computing the sample variance";
+      Ioffe & Szegedy 2015, "Batch Normalization".
+    """
+    x = check_floating(x)
+    axes = canonical_axes(axis, x.ndim, shape=x.shape)
+    mask = check_mask(mask, x)
+    m = global_moments(x, axes, mask, axis_name)
+    mean, var = m.mean, m.var
+    if not keepdims:
+        mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+    return mean, var

@@ -1,0 +1,238 @@
+"""Every data-side method against its float64 NumPy reference, plus the framework's equivalences."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import bnjax
+from tests import reference as ref
+from tests.helpers import close, data, params
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# (shape, feature axis): NHWC, NCHW, 2-D, 3-D sequence
+BN_CASES = [((8, 5, 4, 6), -1), ((8, 6, 5, 4), 1), ((32, 7), -1), ((4, 9, 5), 2), ((4, 3, 5, 6), (2, 3))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", BN_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_batch_norm_train_and_eval(shape, axis, dtype, jit):
+    x, x64 = data(shape, dtype)
+    feat = tuple(shape[a] for a in sorted(np.atleast_1d(axis) % len(shape)))
+    p = params(feat)
+    stats = bnjax.init_stats(feat)
+    fn = lambda x, p, s, training: bnjax.batch_norm(x, p, s, training=training, axis=axis)  # noqa: E731
+    if jit:
+        fn = jax.jit(fn, static_argnames="training")
+    y, new = fn(x, p, stats, True)
+    y_ref, m_ref, v_ref, _ = ref.batch_norm_train(x64, p.scale, p.bias, axis=axis)
+    assert y.dtype == dtype and y.shape == shape
+    close(y, y_ref, dtype)
+    # debiased default: the first update stores exactly the batch statistics, in float32
+    assert new.mean.dtype == jnp.float32 and new.var.dtype == jnp.float32
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)
+    assert int(new.count) == 1
+    y_eval, same = fn(x, p, new, False)
+    close(y_eval, ref.batch_norm_eval(x64, p.scale, p.bias, new.mean, new.var, axis=axis), dtype)
+    jax.tree.map(np.testing.assert_array_equal, same, new)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_masked(dtype):
+    x, x64 = data((10, 3, 4), dtype)
+    rng = np.random.default_rng(3)
+    mask = rng.random((10, 3, 1)) < 0.6
+    x = x.at[~jnp.broadcast_to(mask, x.shape)].set(jnp.nan)  # masked-out garbage must not leak in
+    p = params(4)
+    y, new = bnjax.batch_norm(x, p, bnjax.init_stats(4), training=True, mask=mask)
+    y_ref, m_ref, v_ref, _ = ref.batch_norm_train(x64, p.scale, p.bias, mask=mask)
+    valid = np.broadcast_to(mask, x.shape)
+    close(np.asarray(y.astype(jnp.float32))[valid], y_ref[valid], dtype)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_feature_dependent_mask():
+    """A mask that differs per feature gives each feature its own count."""
+    x, x64 = data((12, 3))
+    mask = np.random.default_rng(4).random((12, 3)) < 0.5
+    mask[:2] = True
+    y, new = bnjax.batch_norm(x, None, bnjax.init_stats(3), training=True, mask=mask)
+    y_ref, m_ref, v_ref, _ = ref.batch_norm_train(x64, None, None, mask=mask)
+    close(np.asarray(y)[mask], y_ref[mask])
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,axis,feature_axis",
+    [((4, 7, 16), -1, None), ((4, 5, 6, 8), (1, 2, 3), None), ((4, 5, 6, 8), (1, 2, 3), -1), ((3, 8, 5), 1, None)],
+)
+def test_layer_norm(shape, axis, feature_axis, dtype):
+    x, x64 = data(shape, dtype)
+    fa = axis if feature_axis is None else feature_axis
+    p = params(tuple(shape[a] for a in sorted(np.atleast_1d(fa) % len(shape))))
+    y = jax.jit(lambda x, p: bnjax.layer_norm(x, p, axis=axis, feature_axis=feature_axis))(x, p)
+    assert y.dtype == dtype
+    close(y, ref.layer_norm(x64, p.scale, p.bias, axis=axis, feature_axis=feature_axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis,groups", [((2, 5, 4, 12), -1, 3), ((2, 12, 5, 4), 1, 4), ((3, 16), -1, 4), ((2, 6, 8), -1, 8)])
+def test_group_norm(shape, axis, groups, dtype):
+    x, x64 = data(shape, dtype)
+    p = params(shape[axis])
+    y = bnjax.group_norm(x, p, num_groups=groups, axis=axis)
+    assert y.dtype == dtype
+    close(y, ref.group_norm(x64, p.scale, p.bias, groups, axis=axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((2, 5, 4, 6), -1), ((2, 6, 5, 4), 1), ((3, 10, 4), -1)])
+def test_instance_norm(shape, axis, dtype):
+    x, x64 = data(shape, dtype)
+    p = params(shape[axis])
+    y = bnjax.instance_norm(x, p, axis=axis)
+    close(y, ref.instance_norm(x64, p.scale, p.bias, axis=axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((4, 7, 16), -1), ((3, 8, 5), 1), ((4, 3, 6), (1, 2))])
+def test_rms_norm(shape, axis, dtype):
+    x, x64 = data(shape, dtype)
+    p = params(tuple(shape[a] for a in sorted(np.atleast_1d(axis) % len(shape))))
+    y = bnjax.rms_norm(x, bnjax.NormParams(p.scale, None), axis=axis)
+    close(y, ref.rms_norm(x64, p.scale, None, axis=axis), dtype)
+    y = bnjax.rms_norm(x, p, axis=axis)
+    close(y, ref.rms_norm(x64, p.scale, p.bias, axis=axis), dtype)
+
+
+def test_normalize_and_moments_against_reference():
+    x, x64 = data((6, 5, 4))
+    mask = np.random.default_rng(0).random((6, 5, 1)) < 0.7
+    mean, var = bnjax.moments(x, (0, 1), mask=mask, keepdims=True)
+    m_ref, v_ref, _ = ref.moments(x64, (0, 1), mask)
+    np.testing.assert_allclose(mean, m_ref, rtol=1e-5)
+    np.testing.assert_allclose(var, v_ref, rtol=1e-5)
+    mean, var = bnjax.moments(x, (0, 1), mask=mask)
+    assert mean.shape == (4,)
+    p = params(4)
+    y = bnjax.normalize(x, mean, var, p.scale, p.bias, eps=1e-3, activation=jax.nn.relu)
+    close(y, np.maximum(ref.normalize(x64, m_ref, v_ref, p.scale, p.bias, eps=1e-3), 0))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"])
+def test_activation_applied_after_affine(name):
+    x, _ = data((4, 3, 3, 8))
+    p = params(8)
+    kw = {"num_groups": 2} if name == "group_norm" else {}
+    call = getattr(bnjax, name)
+    args = (x, p, bnjax.init_stats(8)) if name == "batch_norm" else (x, p)
+    extra = {"training": True} if name == "batch_norm" else {}
+    plain = call(*args, **extra, **kw)
+    act = call(*args, **extra, **kw, activation=jax.nn.gelu)
+    plain = plain[0] if name == "batch_norm" else plain
+    act = act[0] if name == "batch_norm" else act
+    np.testing.assert_allclose(act, jax.nn.gelu(plain), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalences of the framework
+
+
+def test_group_norm_one_group_is_layer_norm_over_hwc():
+    x, _ = data((3, 4, 5, 6))
+    p = params(6)
+    gn = bnjax.group_norm(x, p, num_groups=1)
+    ln = bnjax.layer_norm(x, p, axis=(1, 2, 3), feature_axis=-1)
+    np.testing.assert_allclose(gn, ln, rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm_group_size_one_is_instance_norm():
+    x, _ = data((3, 4, 5, 6))
+    p = params(6)
+    np.testing.assert_allclose(bnjax.group_norm(x, p, num_groups=6), bnjax.instance_norm(x, p), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_eval_is_normalize_with_stored_statistics():
+    x, _ = data((5, 4, 3))
+    p = params(3)
+    stats = bnjax.BatchStats(jnp.array([0.3, -1.0, 2.0]), jnp.array([0.5, 2.0, 1.5]), jnp.array(7, jnp.int32))
+    y, _ = bnjax.batch_norm(x, p, stats, training=False, eps=1e-3, activation=jax.nn.relu)
+    expected = bnjax.normalize(x, stats.mean, stats.var, p.scale, p.bias, eps=1e-3, activation=jax.nn.relu)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_batch_norm_train_is_normalize_with_moments():
+    x, _ = data((16, 3, 5), loc=100.0)
+    p = params(5)
+    y, _ = bnjax.batch_norm(x, p, bnjax.init_stats(5), training=True)
+    mean, var = bnjax.moments(x, (0, 1))
+    np.testing.assert_array_equal(y, bnjax.normalize(x, mean, var, p.scale, p.bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+GRAD_CASES = {
+    "batch_norm": lambda x, s, b: bnjax.batch_norm(x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True)[0],
+    "batch_norm_masked": lambda x, s, b: bnjax.batch_norm(
+        x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True,
+        mask=jnp.arange(6).reshape(6, 1, 1) % 3 != 0,
+    )[0],
+    "layer_norm": lambda x, s, b: bnjax.layer_norm(x, bnjax.NormParams(s, b)),
+    "group_norm": lambda x, s, b: bnjax.group_norm(x, bnjax.NormParams(s, b), num_groups=2),
+    "instance_norm": lambda x, s, b: bnjax.instance_norm(x, bnjax.NormParams(s, b)),
+    "rms_norm": lambda x, s, b: bnjax.rms_norm(x, bnjax.NormParams(s, b)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_gradients_numerically(name):
+    x, _ = data((6, 3, 4), seed=5)
+    p = params(4)
+    # float32 finite differences: moderate eps and tolerance, first and second order
+    check_grads(GRAD_CASES[name], (x, p.scale, p.bias), order=2, modes=["rev"], eps=1e-2, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_gradients_against_reference_math(name):
+    """Input gradient vs the closed form ∂L/∂x = g/(mσ) (m·dy − Σdy − x̂·Σdy·x̂) in float64."""
+    if name not in ("batch_norm", "layer_norm"):
+        pytest.skip("closed form written for batch and layer norm; others covered by check_grads")
+    x, x64 = data((6, 3, 4), seed=6)
+    p = params(4)
+    dy = np.random.default_rng(7).standard_normal(x.shape)
+    _, vjp = jax.vjp(GRAD_CASES[name], x, p.scale, p.bias)
+    dx, dg, db = vjp(jnp.asarray(dy, jnp.float32))
+    axes = (0, 1) if name == "batch_norm" else (2,)
+    mean, var, _ = ref.moments(x64, axes)
+    m = np.prod([x.shape[a] for a in axes])
+    sigma = np.sqrt(var + 1e-5)
+    xhat = (x64 - mean) / sigma
+    g = np.asarray(p.scale, np.float64)
+    dxhat = dy * g
+    dx_ref = (m * dxhat - dxhat.sum(axes, keepdims=True) - xhat * (dxhat * xhat).sum(axes, keepdims=True)) / (m * sigma)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dg, (dy * xhat).sum((0, 1)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_no_gradient_into_running_statistics():
+    x, _ = data((6, 4))
+
+    def loss(stats):
+        y, new = bnjax.batch_norm(x, None, stats, training=True)
+        y_eval, _ = bnjax.batch_norm(x, None, new, training=False)
+        return jnp.sum(new.mean) + jnp.sum(new.var) + jnp.sum(y_eval)
+
+    grads = jax.grad(loss, allow_int=True)(bnjax.init_stats(4))
+    np.testing.assert_array_equal(grads.mean, 0)
+    np.testing.assert_array_equal(grads.var, 0)
