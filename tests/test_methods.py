@@ -174,7 +174,18 @@ def test_batch_norm_train_is_normalize_with_moments():
     p = params(5)
     y, _ = bnjax.batch_norm(x, p, bnjax.init_stats(5), training=True)
     mean, var = bnjax.moments(x, (0, 1))
-    np.testing.assert_array_equal(y, bnjax.normalize(x, mean, var, p.scale, p.bias))
+    np.testing.assert_allclose(y, bnjax.normalize(x, mean, var, p.scale, p.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loc", [1e4, 1e5])
+def test_output_accurate_at_large_mean(loc):
+    """y keeps float32 accuracy when |μ| ≫ σ: x − μ is applied as (x − K) − δ, never via a rounded μ."""
+    x, x64 = data((256, 4), loc=loc, scale=1.0)
+    y, _ = bnjax.batch_norm(x, None, bnjax.init_stats(4), training=True)
+    y_ref, *_ = ref.batch_norm_train(x64, None, None)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-6)
+    y = bnjax.layer_norm(x.T, None)
+    np.testing.assert_allclose(y, ref.layer_norm(x64.T, None, None), rtol=0, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------

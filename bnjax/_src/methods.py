@@ -141,7 +141,7 @@ def batch_norm(
         if mask is None:
             _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", "batch_norm(training=True)")
         batch = statistics.global_moments(x, reduce, mask, axis_name)
-        y = apply_normalization(x, batch.mean, batch.var, scale, bias, eps, activation)
+        y = apply_normalization(x, (batch.shift, batch.offset), batch.var, scale, bias, eps, activation)
         flat = Moments(*(v.reshape(feature_shape) for v in batch))
         new_stats = running.update(
             stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
@@ -202,7 +202,7 @@ def layer_norm(
     with jax.named_scope("bnjax.layer_norm"):
         m = statistics.local_moments(x, axes)
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
-        return apply_normalization(x, m.mean, m.var, scale, bias, eps, activation)
+        return apply_normalization(x, (m.shift, m.offset), m.var, scale, bias, eps, activation)
 
 
 def _grouped(
@@ -220,7 +220,7 @@ def _grouped(
     m = statistics.local_moments(xg, reduce)
     pshape = broadcast_shape_for((num_groups, channels // num_groups), (axis, axis + 1), xg.ndim)
     scale, bias = _affine(params, pshape)
-    return apply_normalization(xg, m.mean, m.var, scale, bias, eps, activation).reshape(x.shape)
+    return apply_normalization(xg, (m.shift, m.offset), m.var, scale, bias, eps, activation).reshape(x.shape)
 
 
 def _channel_axis(x: jax.Array, axis: int, method: str) -> int:
@@ -357,8 +357,9 @@ def rms_norm(
 
     Example:
       >>> import jax.numpy as jnp, bnjax
-      >>> bnjax.rms_norm(jnp.array([[3.0, 4.0]]), bnjax.init_params(2, use_bias=False), eps=1e-12)
-      Array([[0.8485281, 1.1313709]], dtype=float32)
+      >>> y = bnjax.rms_norm(jnp.array([[3.0, 4.0]]), bnjax.init_params(2, use_bias=False), eps=1e-12)
+      >>> y.round(4)  # x / sqrt((9 + 16)/2)
+      Array([[0.8485, 1.1314]], dtype=float32)
 
     References:
       Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".

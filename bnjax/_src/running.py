@@ -121,7 +121,8 @@ def update(
     Returns state of exactly the structure, shapes and dtypes of ``stats``, with stopped gradients.
     """
     stats = jax.tree.map(lax.stop_gradient, stats)
-    n_batch, batch_mean, m2 = jax.tree.map(lax.stop_gradient, batch)
+    batch = jax.tree.map(lax.stop_gradient, batch)
+    n_batch, batch_mean, m2 = batch.count, batch.mean, batch.m2
     dtype = jnp.result_type(stats.mean)
     batch_var = m2 / jnp.maximum(n_batch, 1)
     if unbiased_running_var:

@@ -3,14 +3,16 @@
 Numerical method (shifted sums). For each statistic, take a shift K = one valid element of x
 (the first one along the reduced axes) and accumulate d = x − K:
 
-    n = Σ 1,   S₁ = Σ d,   S₂ = Σ d²,   μ = K + S₁/n,   M₂ = S₂ − S₁²/n,   σ² = M₂/n.
+    n = Σ 1,   S₁ = Σ d,   S₂ = Σ d²,   μ = K + S₁/n,   M₂ = S₂ − S₁²/n,   σ² = M₂/n,
+
+with μ kept as the pair (K, S₁/n) until it is used (x − μ is applied as (x − K) − S₁/n).
 
 Because K lies within a few σ of μ, the d are of order σ whatever |μ| is, so the subtraction in
 M₂ loses only a few bits (E[x²] − E[x]² loses log₂(μ²/σ²) of them), and x − K is exact when K and x
 are close (Sterbenz). A constant feature gives d = 0, hence μ = K exactly, σ² = 0, and an output of
 exactly b. It is one pass over x, fused by XLA into the two reductions.
 
-Across devices each participant contributes (n, μ, M₂) and the parts are merged exactly
+Across devices each participant contributes (n, K, S₁/n, M₂) and the parts are merged exactly
 (Chan, Golub & LeVeque 1979), relative to one participant's mean to keep the merge just as stable.
 """
 
@@ -27,14 +29,22 @@ from bnjax._src.validation import Axes, canonical_axes, check_floating, check_ma
 
 
 class Moments(NamedTuple):
-    """Sufficient statistics of a set of values: count, mean and M₂ = Σ(x − mean)².
+    """Sufficient statistics of a set of values: count, mean = shift + offset, M₂ = Σ(x − mean)².
 
+    The mean is kept as an unevaluated sum of a data value (``shift``, no gradient) and a small
+    ``offset``: rounding shift + offset to one float would cost ulp(|μ|)/σ of accuracy in x − μ
+    and in cross-device merges, while (x − shift) − offset keeps it at the float32 floor.
     Shapes are those of x with the reduced axes kept as size 1 (broadcastable against x).
     """
 
     count: jax.Array
-    mean: jax.Array
+    shift: jax.Array
+    offset: jax.Array
     m2: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.shift + self.offset
 
     @property
     def var(self) -> jax.Array:
@@ -66,6 +76,7 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
 def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:
     """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``."""
     dtype = compute_dtype(x.dtype)
+    zero = jnp.zeros((), dtype)
     k = _shift(x, axes, mask).astype(dtype)
     d = x.astype(dtype) - k
     if mask is None:
@@ -74,30 +85,37 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = 
             size *= x.shape[a]
         n = jnp.full(k.shape, size, dtype)
     else:
-        d = jnp.where(mask, d, jnp.zeros((), dtype))
+        d = jnp.where(mask, d, zero)
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
     s1 = jnp.sum(d, axis=axes, keepdims=True)
     s2 = jnp.sum(d * d, axis=axes, keepdims=True)
     safe_n = jnp.maximum(n, 1)  # n = 0 only when masked out: its statistics are defined as 0
-    mean = jnp.where(n > 0, k + s1 / safe_n, jnp.zeros((), dtype))
-    m2 = jnp.maximum(s2 - s1 * (s1 / safe_n), 0)
-    return Moments(n, mean, m2)
+    offset = s1 / safe_n
+    m2 = jnp.maximum(s2 - s1 * offset, 0)
+    valid = n > 0
+    return Moments(n, jnp.where(valid, k, zero), jnp.where(valid, offset, zero), m2)
 
 
 def merge(parts: Moments) -> Moments:
     """Merges moments stacked along axis 0 into the moments of the union (exact, count-weighted).
 
-    With d_i = μ_i − μ_r for a reference part r:  μ = μ_r + Σ nᵢdᵢ/N,
-    M₂ = Σ M₂ᵢ + Σ nᵢ (dᵢ − d̄)².  Parts with nᵢ = 0 contribute nothing.
+    Relative to a reference part r (the one with the most elements), dᵢ = μᵢ − μ_r is formed as
+    (Kᵢ − K_r) + (δᵢ − δ_r) from shifts K and offsets δ, both exact for nearby values; then
+    μ = K_r + (δ_r + d̄) with d̄ = Σ nᵢdᵢ/N, and M₂ = Σ M₂ᵢ + Σ nᵢ (dᵢ − d̄)². Parts with nᵢ = 0
+    contribute nothing.
     """
-    n, mean, m2 = parts
-    total = jnp.sum(n, axis=0)
-    ref = jnp.take_along_axis(mean, jnp.argmax(n, axis=0)[None], axis=0)[0]
-    d = jnp.where(n > 0, mean - ref, jnp.zeros((), mean.dtype))
-    d_bar = jnp.sum(n * d, axis=0) / jnp.maximum(total, 1)
-    centered = jnp.where(n > 0, d - d_bar, jnp.zeros((), mean.dtype))
+    n, shift, offset, m2 = parts
+    zero = jnp.zeros((), shift.dtype)
+    total = jnp.sum(n, axis=0, keepdims=True)
+    r = jnp.argmax(n, axis=0)[None]
+    shift_r = jnp.take_along_axis(shift, r, axis=0)
+    offset_r = jnp.take_along_axis(offset, r, axis=0)
+    d = jnp.where(n > 0, (shift - shift_r) + (offset - offset_r), zero)
+    d_bar = jnp.sum(n * d, axis=0, keepdims=True) / jnp.maximum(total, 1)
+    centered = jnp.where(n > 0, d - d_bar, zero)
     m2_total = jnp.sum(m2, axis=0) + jnp.sum(n * centered * centered, axis=0)
-    return Moments(total, jnp.where(total > 0, ref + d_bar, jnp.zeros((), mean.dtype)), m2_total)
+    valid = total > 0
+    return Moments(total[0], jnp.where(valid, shift_r, zero)[0], jnp.where(valid, offset_r + d_bar, zero)[0], m2_total)
 
 
 def global_moments(
@@ -111,7 +129,7 @@ def global_moments(
     if axis_name is None:
         return local
     stacked = collective.gather_replicated(jnp.stack(local), axis_name)
-    return merge(Moments(stacked[:, 0], stacked[:, 1], stacked[:, 2]))
+    return merge(Moments(*(stacked[:, i] for i in range(len(local)))))
 
 
 def mean_square(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:

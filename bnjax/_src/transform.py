@@ -35,7 +35,7 @@ def _aligned(value: ArrayLike | None, x: jax.Array, name: str) -> jax.Array | No
 
 def apply_normalization(
     x: jax.Array,
-    mean: jax.Array | None,
+    mean: jax.Array | tuple[jax.Array, jax.Array] | None,
     var: jax.Array,
     scale: jax.Array | None,
     bias: jax.Array | None,
@@ -53,7 +53,9 @@ def apply_normalization(
     if scale is not None:
         inv = inv * scale.astype(dtype)
     xc = x.astype(dtype)
-    if mean is not None:
+    if isinstance(mean, tuple):  # (shift, offset): x − μ as (x − K) − δ, exact for nearby x and K
+        xc = (xc - mean[0].astype(dtype)) - mean[1].astype(dtype)
+    elif mean is not None:
         xc = xc - mean.astype(dtype)
     y = xc * inv
     if bias is not None:

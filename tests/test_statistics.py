@@ -1,0 +1,108 @@
+"""moments: accuracy against float64, numerical stability, masks, low precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnjax
+from tests import reference as ref
+from tests.helpers import data
+
+
+def _rel_var_error(ratio, n=4096, features=8, seed=0):
+    rng = np.random.default_rng(seed)
+    std = 1.0
+    x = (rng.standard_normal((n, features)) * std + ratio * std).astype(np.float32)
+    _, var = bnjax.moments(jnp.asarray(x), 0)
+    exact = x.astype(np.float64).var(axis=0)  # float64 reference of the same float32 values
+    return float(np.max(np.abs(np.asarray(var, np.float64) / exact - 1)))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e2, 1e3, 1e4])
+def test_variance_stable_at_large_mean_issue_bound(ratio):
+    assert _rel_var_error(ratio) <= 1e-3
+
+
+@pytest.mark.parametrize("ratio", [1e4, 3e4, 1e5])
+def test_variance_at_float32_floor(ratio):
+    # E[x²] − E[x]² returns 0 here; two-pass reaches ~2.5e-4 at 1e5
+    assert _rel_var_error(ratio, seed=int(ratio) % 97) <= 1e-5
+
+
+def test_variance_stable_with_mask_and_many_elements():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 32, 32, 4)) + 1e4).astype(np.float32)
+    mask = rng.random((64, 32, 32, 1)) < 0.5
+    _, var = bnjax.moments(jnp.asarray(x), (0, 1, 2), mask=mask)
+    _, v_ref, _ = ref.moments(x, (0, 1, 2), mask)
+    np.testing.assert_allclose(var, v_ref.reshape(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -3.7, 1234.567, 3.3e6, -1e30])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_constant_feature_gives_exactly_the_bias(value, dtype):
+    if dtype == jnp.float16 and abs(value) > 6e4:
+        pytest.skip("not representable in float16")
+    x = jnp.full((16, 5, 3), value, dtype)
+    bias = jnp.array([0.25, -2.0, 7.5], jnp.float32)
+    y, stats = bnjax.batch_norm(x, bnjax.NormParams(jnp.full(3, 3.0), bias), bnjax.init_stats(3), training=True)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(bias.astype(dtype), x.shape))
+    np.testing.assert_array_equal(stats.var, 0.0)
+    np.testing.assert_array_equal(stats.mean, jnp.asarray(value, dtype).astype(jnp.float32))
+    y_ln = bnjax.layer_norm(x, bnjax.NormParams(None, bias))
+    np.testing.assert_array_equal(y_ln, jnp.broadcast_to(bias.astype(dtype), x.shape))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_input_has_float32_statistics(dtype):
+    x, x64 = data((64, 6), dtype, loc=50.0, scale=2.0)
+    mean, var = bnjax.moments(x, 0)
+    assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
+    m_ref, v_ref, _ = ref.moments(x64, 0)
+    np.testing.assert_allclose(mean, m_ref.reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(var, v_ref.reshape(-1), rtol=1e-5)
+
+
+def test_mask_with_no_valid_element_gives_zero_statistics_and_finite_output():
+    x, _ = data((5, 3))
+    mask = jnp.zeros((5, 1), bool)
+    mean, var = bnjax.moments(x, 0, mask=mask)
+    np.testing.assert_array_equal(mean, 0)
+    np.testing.assert_array_equal(var, 0)
+    stats = bnjax.init_stats(3)
+    y, new = bnjax.batch_norm(x, bnjax.init_params(3), stats, training=True, mask=mask)
+    assert np.isfinite(np.asarray(y)).all()
+    jax.tree.map(np.testing.assert_array_equal, new, stats)
+
+
+def test_moments_gradient_matches_float64_formula():
+    x, x64 = data((7, 3), seed=2)
+    dvar = jax.grad(lambda x: jnp.sum(bnjax.moments(x, 0)[1] * jnp.arange(1.0, 4.0)))(x)
+    n = x.shape[0]
+    expected = 2 * (x64 - x64.mean(0)) / n * np.arange(1.0, 4.0)
+    np.testing.assert_allclose(dvar, expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    data_=st.data(),
+)
+def test_moments_property_any_axes_and_mask(shape, data_):
+    shape = tuple(shape)
+    axes = tuple(sorted(data_.draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))))
+    seed = data_.draw(st.integers(0, 2**16))
+    loc = data_.draw(st.sampled_from([0.0, 10.0, -3e3]))
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) + loc).astype(np.float32)
+    mask_shape = tuple(s if data_.draw(st.booleans()) else 1 for s in shape)
+    mask = rng.random(mask_shape) < 0.7
+    mean, var = bnjax.moments(jnp.asarray(x), axes, mask=mask, keepdims=True)
+    m_ref, v_ref, _ = ref.moments(x, axes, mask)
+    np.testing.assert_allclose(mean, m_ref, rtol=1e-5, atol=1e-5 * (1 + abs(loc)))
+    np.testing.assert_allclose(var, v_ref, rtol=2e-5, atol=1e-5)
