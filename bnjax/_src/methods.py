@@ -358,8 +358,8 @@ def rms_norm(
     Example:
       >>> import jax.numpy as jnp, bnjax
       >>> y = bnjax.rms_norm(jnp.array([[3.0, 4.0]]), bnjax.init_params(2, use_bias=False), eps=1e-12)
-      >>> y.round(4)  # x / sqrt((9 + 16)/2)
-      Array([[0.8485, 1.1314]], dtype=float32)
+      >>> [round(float(v), 4) for v in y[0]]  # x / sqrt((9 + 16)/2)
+      [0.8485, 1.1314]
 
     References:
       Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
