@@ -89,8 +89,12 @@ def layer_norm(x, scale, bias, axis=-1, eps=1e-5, feature_axis=None):
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
     shape = _feature_shape(x, feat)
     return normalize(
-        x, mean, var, None if scale is None else f64(scale).reshape(shape),
-        None if bias is None else f64(bias).reshape(shape), eps,
+        x,
+        mean,
+        var,
+        None if scale is None else f64(scale).reshape(shape),
+        None if bias is None else f64(bias).reshape(shape),
+        eps,
     )
 
 
@@ -131,6 +135,10 @@ def rms_norm(x, scale, bias=None, axis=-1, eps=1e-6):
     ms = (x**2).mean(axis=axes, keepdims=True)
     shape = _feature_shape(x, axes)
     return normalize(
-        x, None, ms, None if scale is None else f64(scale).reshape(shape),
-        None if bias is None else f64(bias).reshape(shape), eps,
+        x,
+        None,
+        ms,
+        None if scale is None else f64(scale).reshape(shape),
+        None if bias is None else f64(bias).reshape(shape),
+        eps,
     )

@@ -39,6 +39,7 @@ def test_flax_batch_norm_outputs_gradients_and_running_stats():
     stats = bnjax.init_stats(c)
     cot = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     for x in _batches(shape):
+
         def flax_loss(x, prm, bs):
             y, upd = module.apply({"params": prm, "batch_stats": bs}, x, mutable=["batch_stats"])
             return jnp.sum(y * cot), (y, upd["batch_stats"])

@@ -84,7 +84,9 @@ def test_layer_norm(shape, axis, feature_axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis,groups", [((2, 5, 4, 12), -1, 3), ((2, 12, 5, 4), 1, 4), ((3, 16), -1, 4), ((2, 6, 8), -1, 8)])
+@pytest.mark.parametrize(
+    "shape,axis,groups", [((2, 5, 4, 12), -1, 3), ((2, 12, 5, 4), 1, 4), ((3, 16), -1, 4), ((2, 6, 8), -1, 8)]
+)
 def test_group_norm(shape, axis, groups, dtype):
     x, x64 = data(shape, dtype)
     p = params(shape[axis])
@@ -195,7 +197,10 @@ def test_output_accurate_at_large_mean(loc):
 GRAD_CASES = {
     "batch_norm": lambda x, s, b: bnjax.batch_norm(x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True)[0],
     "batch_norm_masked": lambda x, s, b: bnjax.batch_norm(
-        x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True,
+        x,
+        bnjax.NormParams(s, b),
+        bnjax.init_stats(4),
+        training=True,
         mask=jnp.arange(6).reshape(6, 1, 1) % 3 != 0,
     )[0],
     "layer_norm": lambda x, s, b: bnjax.layer_norm(x, bnjax.NormParams(s, b)),
@@ -240,7 +245,7 @@ def test_no_gradient_into_running_statistics():
     x, _ = data((6, 4))
 
     def loss(stats):
-        y, new = bnjax.batch_norm(x, None, stats, training=True)
+        _, new = bnjax.batch_norm(x, None, stats, training=True)
         y_eval, _ = bnjax.batch_norm(x, None, new, training=False)
         return jnp.sum(new.mean) + jnp.sum(new.var) + jnp.sum(y_eval)
 

@@ -110,7 +110,7 @@ def test_non_finite_batch_leaves_that_feature_unchanged_and_is_counted():
     batches = _batches(3)
     stats = _run(batches[:2])[-1]
     bad = batches[2].at[3, 1, 2].set(jnp.nan).at[0, 0, 0].set(jnp.inf)
-    y, new = bnjax.batch_norm(bad, None, stats, training=True)
+    _, new = bnjax.batch_norm(bad, None, stats, training=True)
     new, stats = jax.tree.map(np.asarray, new), jax.tree.map(np.asarray, stats)
     np.testing.assert_array_equal(new.mean[[0, 2]], stats.mean[[0, 2]])
     np.testing.assert_array_equal(new.var[[0, 2]], stats.var[[0, 2]])
@@ -161,8 +161,6 @@ def test_float64_state_is_kept_when_requested():
 
 def test_init_stats_on_shape_dtype_struct_and_eval_shape():
     spec = jax.ShapeDtypeStruct((8, 5, 5, 3), jnp.bfloat16)
-    out = jax.eval_shape(
-        lambda x: bnjax.batch_norm(x, bnjax.init_params(3), bnjax.init_stats(3), training=True), spec
-    )
+    out = jax.eval_shape(lambda x: bnjax.batch_norm(x, bnjax.init_params(3), bnjax.init_stats(3), training=True), spec)
     assert out[0].shape == spec.shape and out[0].dtype == jnp.bfloat16
     assert out[1].mean.dtype == jnp.float32

@@ -1,16 +1,15 @@
 """Data-side methods: each chooses the axes its statistics run over, then calls the shared core.
 
-    batch norm      μ, σ² over every axis but the features (and across devices with axis_name)
-    layer norm      μ, σ² over the features of one example
-    group norm      μ, σ² per example over each group of channels (and the spatial axes)
-    instance norm   group norm with one channel per group
-    RMS norm        μ = 0, σ² = E[x²] over the features of one example
+batch norm      μ, σ² over every axis but the features (and across devices with axis_name)
+layer norm      μ, σ² over the features of one example
+group norm      μ, σ² per example over each group of channels (and the spatial axes)
+instance norm   group norm with one channel per group
+RMS norm        μ = 0, σ² = E[x²] over the features of one example
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from bnjax._src import collective, running, statistics
@@ -205,9 +204,7 @@ def layer_norm(
         return apply_normalization(x, (m.shift, m.offset), m.var, scale, bias, eps, activation)
 
 
-def _grouped(
-    x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str
-) -> jax.Array:
+def _grouped(x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str) -> jax.Array:
     """Group-wise normalization: split channels into groups, statistics per (example, group)."""
     channels = x.shape[axis]
     shape = x.shape[:axis] + (num_groups, channels // num_groups) + x.shape[axis + 1 :]
@@ -216,7 +213,9 @@ def _grouped(
     size = 1
     for a in reduce:
         size *= xg.shape[a]
-    _require_several(size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1:]}", method)
+    _require_several(
+        size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1 :]}", method
+    )
     m = statistics.local_moments(xg, reduce)
     pshape = broadcast_shape_for((num_groups, channels // num_groups), (axis, axis + 1), xg.ndim)
     scale, bias = _affine(params, pshape)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax._src.validation import check_param_shape
+from bnjax._src.validation import check_param_shape, features_arg
 
 
 class NormParams(NamedTuple):
@@ -71,11 +71,11 @@ def check_params(params: NormParams | None, feature_shape: tuple[int, ...], what
         else:
             raise TypeError(
                 f"params must be a bnjax.NormParams(scale, bias) (or None), got {type(params).__name__}; "
-                f"create one with bnjax.init_params({feature_shape[0] if len(feature_shape) == 1 else feature_shape})."
+                f"create one with bnjax.init_params({features_arg(feature_shape)})."
             )
     fix = (
         f"{what} has shape {feature_shape}; create matching params with "
-        f"bnjax.init_params({feature_shape[0] if len(feature_shape) == 1 else feature_shape}), or pass "
+        f"bnjax.init_params({features_arg(feature_shape)}), or pass "
         "the axis argument that selects the features these params were made for."
     )
     return NormParams(

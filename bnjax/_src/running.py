@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src.statistics import Moments
-from bnjax._src.validation import stats_dtype_ok
+from bnjax._src.validation import features_arg, stats_dtype_ok
 
 
 class BatchStats(NamedTuple):
@@ -61,8 +61,9 @@ def init_stats(features: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> 
 
     Example:
       >>> import bnjax
-      >>> bnjax.init_stats(2)
-      BatchStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), count=Array(0, dtype=int32), skipped=Array([0, 0], dtype=int32))
+      >>> stats = bnjax.init_stats(2)
+      >>> stats.mean, stats.var, stats.count
+      (Array([0., 0.], dtype=float32), Array([1., 1.], dtype=float32), Array(0, dtype=int32))
 
     References:
       Ioffe & Szegedy 2015, "Batch Normalization", §3.1 (inference with population statistics).
@@ -86,10 +87,10 @@ def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> BatchStats:
     if not isinstance(stats, BatchStats):
         raise TypeError(
             f"stats must be a bnjax.BatchStats, got {type(stats).__name__}; create it with "
-            f"bnjax.init_stats({feature_shape[0] if len(feature_shape) == 1 else feature_shape})."
+            f"bnjax.init_stats({features_arg(feature_shape)})."
         )
     fix = (
-        f"create matching stats with bnjax.init_stats({feature_shape[0] if len(feature_shape) == 1 else feature_shape}), "
+        f"create matching stats with bnjax.init_stats({features_arg(feature_shape)}), "
         "or pass the axis argument that selects the features these stats were made for."
     )
     for name in ("mean", "var") + (("skipped",) if stats.skipped is not None else ()):

@@ -24,7 +24,9 @@ def _aligned(value: ArrayLike | None, x: jax.Array, name: str) -> jax.Array | No
     if value is None:
         return None
     value = jnp.asarray(value)
-    if value.ndim > x.ndim or any(v not in (1, s) for v, s in zip(value.shape[::-1], x.shape[::-1])):
+    if value.ndim > x.ndim or any(
+        v not in (1, s) for v, s in zip(value.shape[::-1], x.shape[::-1][: value.ndim], strict=True)
+    ):
         raise ValueError(
             f"{name} has shape {value.shape}, which does not broadcast against x's shape {x.shape} "
             f"(NumPy rule, aligned on the right): give {name} x's rank with size 1 on the reduced "

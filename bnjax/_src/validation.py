@@ -98,7 +98,7 @@ def check_mask(mask: Any, x: jax.Array) -> jax.Array | None:
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if mask.ndim != x.ndim or any(m not in (1, s) for m, s in zip(mask.shape, x.shape)):
+    if mask.ndim != x.ndim or any(m not in (1, s) for m, s in zip(mask.shape, x.shape, strict=True)):
         raise ValueError(
             f"mask has shape {mask.shape}, which does not broadcast to x's shape {x.shape} dimension "
             f"by dimension: give mask the rank of x ({x.ndim}) with size 1 where it is constant, "
@@ -109,6 +109,11 @@ def check_mask(mask: Any, x: jax.Array) -> jax.Array | None:
             raise TypeError(f"mask must be boolean (True = valid element), got dtype {mask.dtype}.")
         mask = mask != 0
     return mask
+
+
+def features_arg(shape: tuple[int, ...]) -> str:
+    """How to pass a feature shape to ``init_params``/``init_stats`` in an error message."""
+    return str(shape[0]) if len(shape) == 1 else str(shape)
 
 
 def stats_dtype_ok(dtype: Any) -> bool:
