@@ -160,9 +160,16 @@ def test_torch_group_and_instance_norm():
         for m in (tgn, tin):
             m.weight.copy_(_t(p.scale))
             m.bias.copy_(_t(p.bias))
-    np.testing.assert_allclose(
-        bnjax.group_norm(x, p, num_groups=4, axis=1), tgn(_t(x)).detach().numpy(), rtol=1e-5, atol=1e-5
-    )
+    xt = _t(x).requires_grad_(True)
+    yt = tgn(xt)
+    cot = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    yt.backward(torch.tensor(cot))
+    y, vjp = jax.vjp(lambda x, p: bnjax.group_norm(x, p, num_groups=4, axis=1), x, p)
+    gx, gp = vjp(jnp.asarray(cot))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gp.scale, tgn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gp.bias, tgn.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bnjax.instance_norm(x, p, axis=1), tin(_t(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 

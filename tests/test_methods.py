@@ -218,11 +218,9 @@ def test_gradients_numerically(name):
     check_grads(GRAD_CASES[name], (x, p.scale, p.bias), order=2, modes=["rev"], eps=1e-2, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm"])
 def test_gradients_against_reference_math(name):
     """Input gradient vs the closed form ∂L/∂x = g/(mσ) (m·dy − Σdy − x̂·Σdy·x̂) in float64."""
-    if name not in ("batch_norm", "layer_norm"):
-        pytest.skip("closed form written for batch and layer norm; others covered by check_grads")
     x, x64 = data((6, 3, 4), seed=6)
     p = params(4)
     dy = np.random.default_rng(7).standard_normal(x.shape)
