@@ -56,8 +56,8 @@ def _full_batch(x, w, mask, params, stats):
     return y.reshape(x.shape), new, gx.reshape(x.shape), gp
 
 
-def _local_loss(x, w, mask, params, stats, axis_name):
-    y, new = bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name=axis_name)
+def _local_loss(x, w, mask, params, stats, axis_name, **kw):
+    y, new = bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name=axis_name, **kw)
     return jnp.sum(jnp.where(True if mask is None else mask, w * y, 0.0)), (y, new)
 
 
@@ -190,3 +190,57 @@ def test_stability_across_devices_at_large_mean():
     # replicated: bit-identical on every device
     np.testing.assert_array_equal(var, np.broadcast_to(var[0], var.shape))
     np.testing.assert_array_equal(mean, np.broadcast_to(mean[0], mean.shape))
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 5], [1, 2, 3, 4, 6, 7]], [[i] for i in range(8)]])
+def test_device_groups(groups):
+    """Statistics over each device's group only, checked against each group's full batch."""
+    x, w, mask, params, stats = _problem(masked=True, seed=5)
+    mask[:, 0] = True  # every device holds at least one valid example
+    for transform in ("pmap", "shard_map"):
+        if transform == "pmap":
+
+            @partial(jax.pmap, axis_name="d")
+            def step(x, w, mask):
+                grad = jax.grad(_local_loss, argnums=0, has_aux=True)
+                return grad(x, w, mask, params, stats, "d", axis_index_groups=groups)
+
+        else:
+            mesh = Mesh(np.array(jax.devices()), ("d",))
+
+            def per_shard(x, w, mask):
+                grad = jax.grad(_local_loss, argnums=0, has_aux=True)
+                gx, (y, new) = grad(x[0], w[0], mask[0], params, stats, "d", axis_index_groups=groups)
+                return gx[None], (y[None], jax.tree.map(lambda a: a[None], new))
+
+            step = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+        gx, (y, new) = step(x, w, mask)
+        for g in groups:
+            expected = _full_batch(x[g], w[g], mask[g], params, stats)
+            sub = jax.tree.map(lambda a: a[g[0]], new)
+            _check(y[np.array(g)], sub, gx[np.array(g)], expected[3], expected[:3] + (expected[3],), mask[g])
+            for i in g:  # replicated within the group
+                jax.tree.map(lambda a, i=i: np.testing.assert_array_equal(a[i], a[g[0]]), new)
+
+
+@pytest.mark.parametrize(
+    "groups,match",
+    [
+        ([[0, 1, 2], [4, 5, 6, 7]], r"missing: \[3\]"),
+        ([[0, 1, 2, 3], [3, 4, 5, 6, 7]], r"repeated: \[3\]"),
+        ([[0, 1, 2, 3, 4, 5, 6, 7, 8]], r"out of range: \[8\]"),
+        ([[0, 1, 2, 3, 4, 5, 6, 7], []], r"non-empty groups"),
+    ],
+)
+def test_device_groups_must_partition_the_axis(groups, match):
+    x, _, _, params, stats = _problem()
+    with pytest.raises(ValueError, match=r"axis_index_groups=.* must partition the 8 participants.*" + match):
+        jax.pmap(
+            lambda x: bnjax.batch_norm(x, params, stats, training=True, axis_name="d", axis_index_groups=groups),
+            axis_name="d",
+        )(x)
+
+
+def test_device_groups_need_axis_name():
+    with pytest.raises(ValueError, match="axis_index_groups needs axis_name"):
+        bnjax.moments(jnp.ones((4, 3)), 0, axis_index_groups=[[0]])

@@ -4,7 +4,11 @@ Statistics are merged across a named mapped axis (``pmap``, ``shard_map``, ``vma
 by gathering every participant's sufficient statistics (count, mean, M2) and merging them with the
 same deterministic arithmetic on every participant. The gather is written as a single ``psum`` of
 a one-hot slotted buffer: one collective, a result that is replicated by construction (so
-``shard_map(check_vma=True)`` accepts it as unvarying), and one ``psum`` again in the backward pass.
+``shard_map(check_vma=True)`` accepts it as unvarying), and one ``psum`` again in the backward pass
+(its transpose, which XLA narrows to the two per-feature sums that the gradient needs).
+
+Device groups need no collective of their own: every participant already holds every part, and
+merges only the parts of its own group.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 AxisName = str | Sequence[str]
+Groups = Sequence[Sequence[int]]
 
 
 def _names(axis_name: AxisName) -> tuple[str, ...]:
@@ -37,6 +43,39 @@ def axis_size(axis_name: AxisName) -> int:
                 "axis_name=None: XLA then computes the global statistics itself."
             ) from e
     return size
+
+
+def group_matrix(axis_index_groups: Groups, size: int) -> np.ndarray:
+    """Static (size, size) boolean matrix: entry [i, j] is True when i and j share a group.
+
+    Raises unless the groups partition ``range(size)``: every index in exactly one group.
+    """
+    try:
+        groups = [[int(i) for i in g] for g in axis_index_groups]
+    except TypeError as e:
+        raise TypeError(f"axis_index_groups must be a list of lists of ints, got {axis_index_groups!r}.") from e
+    flat = [i for g in groups for i in g]
+    if sorted(flat) != list(range(size)) or any(not g for g in groups):
+        missing = sorted(set(range(size)) - set(flat))
+        repeated = sorted({i for i in flat if flat.count(i) > 1})
+        outside = sorted({i for i in flat if not 0 <= i < size})
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} must partition the {size} participants of the "
+            f"axis into non-empty groups (each index 0..{size - 1} exactly once); missing: {missing}, "
+            f"repeated: {repeated}, out of range: {outside}. Example for {size} participants in pairs: "
+            f"{[list(range(i, min(i + 2, size))) for i in range(0, size, 2)]}."
+        )
+    member = np.zeros((size, size), bool)
+    for g in groups:
+        member[np.ix_(g, g)] = True
+    return member
+
+
+def my_group(axis_name: AxisName, axis_index_groups: Groups) -> jax.Array:
+    """(axis_size,) boolean row: which participants share this participant's group."""
+    names = _names(axis_name)
+    member = group_matrix(axis_index_groups, axis_size(names))
+    return jnp.asarray(member)[lax.axis_index(names if len(names) > 1 else names[0])]
 
 
 def gather_replicated(values: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -54,6 +54,7 @@ def batch_norm(
     axis_name: collective.AxisName | None = None,
     mask: ArrayLike | None = None,
     activation: Activation | None = None,
+    axis_index_groups: collective.Groups | None = None,
     debias: bool = True,
     unbiased_running_var: bool = False,
 ) -> tuple[jax.Array, BatchStats]:
@@ -91,6 +92,8 @@ def batch_norm(
       mask: optional boolean array of x's rank (dims 1 or equal to x's); False elements are
         ignored by the statistics (their outputs are still computed).
       activation: optional f applied to the normalized output.
+      axis_index_groups: optional partition of the participants of ``axis_name`` into groups
+        (e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``): statistics over each device's group only.
       debias: ``False`` gives the plain EMA of Flax/PyTorch (first step biased toward mean 0, var 1).
       unbiased_running_var: store the unbiased variance M₂/(n−1) in the running statistics
         (PyTorch's convention; normalization in training still uses the population variance).
@@ -136,10 +139,14 @@ def batch_norm(
         for a in reduce:
             per_feature *= x.shape[a]
         if axis_name is not None:
-            per_feature *= collective.axis_size(axis_name)
+            size = collective.axis_size(axis_name)
+            if axis_index_groups is None:
+                per_feature *= size
+            else:
+                per_feature *= int(collective.group_matrix(axis_index_groups, size).sum(1).min())
         if mask is None:
             _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", "batch_norm(training=True)")
-        batch = statistics.global_moments(x, reduce, mask, axis_name)
+        batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
         y = apply_normalization(x, (batch.shift, batch.offset), batch.var, scale, bias, eps, activation)
         flat = Moments(*(v.reshape(feature_shape) for v in batch))
         new_stats = running.update(

@@ -96,15 +96,18 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = 
     return Moments(n, jnp.where(valid, k, zero), jnp.where(valid, offset, zero), m2)
 
 
-def merge(parts: Moments) -> Moments:
+def merge(parts: Moments, include: jax.Array | None = None) -> Moments:
     """Merges moments stacked along axis 0 into the moments of the union (exact, count-weighted).
 
     Relative to a reference part r (the one with the most elements), dᵢ = μᵢ − μ_r is formed as
     (Kᵢ − K_r) + (δᵢ − δ_r) from shifts K and offsets δ, both exact for nearby values; then
     μ = K_r + (δ_r + d̄) with d̄ = Σ nᵢdᵢ/N, and M₂ = Σ M₂ᵢ + Σ nᵢ (dᵢ − d̄)². Parts with nᵢ = 0
-    contribute nothing.
+    contribute nothing, and so do parts left out by the boolean ``include`` (shape: parts,).
     """
     n, shift, offset, m2 = parts
+    if include is not None:
+        include = include.reshape(include.shape + (1,) * (n.ndim - 1))
+        n, m2 = (jnp.where(include, v, jnp.zeros((), v.dtype)) for v in (n, m2))
     zero = jnp.zeros((), shift.dtype)
     total = jnp.sum(n, axis=0, keepdims=True)
     r = jnp.argmax(n, axis=0)[None]
@@ -123,13 +126,17 @@ def global_moments(
     axes: tuple[int, ...],
     mask: jax.Array | None = None,
     axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
 ) -> Moments:
-    """Local moments, merged across ``axis_name`` when given (one collective)."""
+    """Local moments, merged across ``axis_name`` (within this participant's group) when given."""
     local = local_moments(x, axes, mask)
     if axis_name is None:
+        if axis_index_groups is not None:
+            raise ValueError("axis_index_groups needs axis_name: the groups index the participants of that axis.")
         return local
     stacked = collective.gather_replicated(jnp.stack(local), axis_name)
-    return merge(Moments(*(stacked[:, i] for i in range(len(local)))))
+    include = None if axis_index_groups is None else collective.my_group(axis_name, axis_index_groups)
+    return merge(Moments(*(stacked[:, i] for i in range(len(local)))), include)
 
 
 def mean_square(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -144,6 +151,7 @@ def moments(
     *,
     mask: jax.Array | None = None,
     axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
     keepdims: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Mean and population variance of ``x`` over ``axis``, numerically stable.
@@ -165,6 +173,9 @@ def moments(
       mask: optional boolean array of x's rank, each dimension 1 or equal to x's.
       axis_name: a mapped axis name (or a tuple of them) bound by ``pmap``, ``shard_map`` or
         ``vmap(axis_name=...)``; one collective per call.
+      axis_index_groups: optional partition of the participants of ``axis_name`` (by index; for
+        a tuple of names, the row-major index over them) into groups; statistics are then over
+        each participant's group only. No extra collective.
       keepdims: keep the reduced axes as size 1 (broadcastable against x, e.g. for ``normalize``).
 
     Returns:
@@ -184,7 +195,7 @@ def moments(
     x = check_floating(x)
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
     mask = check_mask(mask, x)
-    m = global_moments(x, axes, mask, axis_name)
+    m = global_moments(x, axes, mask, axis_name, axis_index_groups)
     mean, var = m.mean, m.var
     if not keepdims:
         mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
