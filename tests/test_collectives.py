@@ -1,0 +1,113 @@
+"""Cross-device traffic of sync batch norm, counted in the optimized HLO.
+
+One collective per batch-norm layer in the forward pass and one in the backward pass, under
+pmap and shard_map, for a network of several layers.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+
+C = 16
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast")
+
+
+def count_collectives(hlo: str) -> int:
+    """Number of cross-device collective instructions (async pairs counted once) in HLO text."""
+    total = 0
+    for op in COLLECTIVES:
+        total += len(re.findall(rf"= [^=\n]*\b{op}(?:-start)?\(", hlo))
+    return total
+
+
+def _net(x, layers, axis_name):
+    """`layers` batch-norm layers with a fixed mixing matrix between them; returns (y, stats)."""
+    mix = jnp.asarray(np.random.default_rng(0).standard_normal((C, C)), jnp.float32) / 4
+    all_stats = []
+    for i in range(layers):
+        p = bnjax.NormParams(jnp.full(C, 1.0 + i), jnp.full(C, 0.1 * i))
+        x, st = bnjax.batch_norm(x, p, bnjax.init_stats(C), training=True, axis_name=axis_name, activation=jnp.tanh)
+        x = x @ mix
+        all_stats.append(st)
+    return x, all_stats
+
+
+def _compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_shard_map_one_collective_each_way_per_layer(layers):
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    x = jnp.ones((64, 4, C))
+
+    def forward(x):
+        f = jax.shard_map(
+            lambda x: _net(x, layers, "d"), mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P()), check_vma=True
+        )
+        return f(x)
+
+    def train_step(x):
+        return jax.grad(lambda x: jnp.sum(forward(x)[0] ** 2))(x)
+
+    assert count_collectives(_compiled(forward, x)) == layers
+    assert count_collectives(_compiled(train_step, x)) == 2 * layers
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_pmap_one_collective_each_way_per_layer(layers):
+    x = jnp.ones((8, 8, 4, C))
+    forward = jax.pmap(lambda x: _net(x, layers, "d"), axis_name="d")
+    train_step = jax.pmap(jax.grad(lambda x: jnp.sum(_net(x, layers, "d")[0] ** 2)), axis_name="d")
+    assert count_collectives(forward.lower(x).compile().as_text()) == layers
+    assert count_collectives(train_step.lower(x).compile().as_text()) == 2 * layers
+
+
+def _all_reduce_sizes(hlo: str) -> list[int]:
+    """Number of float32 elements moved by each all-reduce instruction."""
+    sizes = []
+    for line in hlo.splitlines():
+        m = re.search(r"= ([^=\n]*)\ball-reduce(?:-start)?\(", line)
+        if m:
+            shapes = re.findall(r"f32\[([\d,]*)\]", m.group(1))
+            sizes.append(sum(int(np.prod([int(d) for d in dims.split(",") if d])) for dims in shapes))
+    return sizes
+
+
+def test_backward_collective_carries_two_feature_vectors():
+    """The backward all-reduce moves the two per-feature sums (2·C floats), not the gathered buffer."""
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def train_step(x):
+        f = jax.shard_map(lambda x: _net(x, 1, "d")[0], mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+        return jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
+
+    sizes = _all_reduce_sizes(_compiled(train_step, jnp.ones((64, 4, C))))
+    # forward: 8 devices × (n, K, δ, M₂) × C; backward: (Σdy, Σdy·x̂) × C
+    assert sorted(sizes) == [2 * C, 8 * 4 * C]
+
+
+def test_masked_layer_with_replicated_params_still_one_collective_each_way():
+    """Masks and invariant (P()) parameters whose gradients must be summed add no collective."""
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def layer(x, m, p):
+        return bnjax.batch_norm(x, p, bnjax.init_stats(C), training=True, axis_name="d", mask=m)[0]
+
+    sharded = jax.shard_map(layer, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P("d"))
+
+    def train_step(x, m, p):
+        return jax.grad(lambda x, p: jnp.sum(sharded(x, m, p) ** 2), argnums=(0, 1))(x, p)
+
+    args = (jnp.ones((64, 4, C)), jnp.ones((64, 1, 1), bool), bnjax.init_params(C))
+    assert count_collectives(_compiled(lambda x, m, p: sharded(x, m, p), *args)) == 1
+    assert count_collectives(_compiled(train_step, *args)) == 2
