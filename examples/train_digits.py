@@ -47,10 +47,12 @@ def init(key, sizes):
     return {"layers": layers, "norms": norms}, stats
 
 
-def forward(params, stats, x, training: bool):
+def forward(params, stats, x, training: bool, axis_name=None):
     new_stats = []
     for layer, norm, st in zip(params["layers"][:-1], params["norms"], stats, strict=True):
-        x, st = bnjax.batch_norm(x @ layer["w"], norm, st, training=training, activation=jax.nn.relu)
+        x, st = bnjax.batch_norm(
+            x @ layer["w"], norm, st, training=training, activation=jax.nn.relu, axis_name=axis_name
+        )
         new_stats.append(st)
     last = params["layers"][-1]
     return x @ last["w"] + last["b"][None], new_stats

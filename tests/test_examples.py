@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))  # examples import each other, as when run as scripts
 
 
 def _load(name):
@@ -19,3 +21,9 @@ def test_train_digits_learns(capsys):
     acc = _load("train_digits").main(["--epochs", "3"])
     assert acc >= 0.9  # three epochs already separate the digits; the full demo reaches ~0.98
     assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_data_parallel_equals_single_device_training(capsys):
+    errors = _load("data_parallel").main(["--steps", "8"])
+    assert set(errors) == {"pmap", "shard_map", "sharded_jit"}
+    assert max(errors.values()) <= 1e-5
