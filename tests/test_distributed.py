@@ -251,3 +251,53 @@ def test_device_groups_must_partition_the_axis(groups, match):
 def test_device_groups_need_axis_name():
     with pytest.raises(ValueError, match="axis_index_groups needs axis_name"):
         bnjax.moments(jnp.ones((4, 3)), 0, axis_index_groups=[[0]])
+
+
+def test_shard_map_two_dimensional_mesh_tuple_axis_name():
+    x, w, mask, params, stats = _problem(masked=True, seed=6)
+    expected = _full_batch(x, w, mask, params, stats)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    spec = P(("a", "b"))
+
+    def per_shard(x, w, mask):
+        grad = jax.grad(_local_loss, argnums=0, has_aux=True)
+        gx, (y, new) = grad(x[0], w[0], mask[0], params, stats, ("a", "b"))
+        return gx[None], y[None], new
+
+    gx, y, new = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=(spec, spec, P())))(x, w, mask)
+    _check(y, new, gx, expected[3], expected, mask)
+
+
+def test_vmap_inside_shard_map():
+    """Statistics over a mesh axis and a vmap axis at once (needs check_vma=False in jax 0.10)."""
+    x, w, mask, params, stats = _problem(masked=True, seed=7)
+    expected = _full_batch(x, w, mask, params, stats)
+    xs, ws, ms = (a.reshape((4, 2) + a.shape[1:]) for a in (x, w, mask))
+    mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+
+    def per_shard(x, w, m):
+        grad = jax.grad(_local_loss, argnums=0, has_aux=True)
+        per_example = jax.vmap(
+            lambda x, w, m: grad(x, w, m, params, stats, ("d", "v")), axis_name="v", out_axes=(0, (0, None))
+        )
+        gx, (y, new) = per_example(x[0], w[0], m[0])
+        return gx[None], y[None], new
+
+    def run(check_vma):
+        f = jax.shard_map(per_shard, mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P("d"), P()), check_vma=check_vma)
+        return jax.jit(f)(xs, ws, ms)
+
+    gx, y, new = run(check_vma=False)
+    _check(y.reshape(x.shape), new, gx.reshape(x.shape), expected[3], expected, mask)
+    with pytest.raises(ValueError, match=r"vmap axis inside jax.shard_map fail when check_vma=True.*check_vma=False"):
+        run(check_vma=True)
+
+
+def test_vmap_axis_alone_inside_shard_map_explains_the_jax_limitation():
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def per_shard(x):
+        return jax.vmap(lambda xi: bnjax.moments(xi, 0, axis_name="v")[1], axis_name="v", out_axes=None)(x)
+
+    with pytest.raises(ValueError, match=r"axis_name='v'.*check_vma=False"):
+        jax.shard_map(per_shard, mesh=mesh, in_specs=P("d"), out_specs=P())(jnp.ones((16, 2, 3)))

@@ -45,6 +45,17 @@ def axis_size(axis_name: AxisName) -> int:
     return size
 
 
+def linear_index(axis_name: AxisName) -> jax.Array:
+    """Row-major index of this participant over the names (the slot it fills in a gather).
+
+    Built from one ``axis_index`` per name, so the order is the order of ``axis_name``.
+    """
+    index = jnp.zeros((), jnp.int32)
+    for name in _names(axis_name):
+        index = index * axis_size(name) + lax.axis_index(name)
+    return index
+
+
 def group_matrix(axis_index_groups: Groups, size: int) -> np.ndarray:
     """Static (size, size) boolean matrix: entry [i, j] is True when i and j share a group.
 
@@ -75,7 +86,7 @@ def my_group(axis_name: AxisName, axis_index_groups: Groups) -> jax.Array:
     """(axis_size,) boolean row: which participants share this participant's group."""
     names = _names(axis_name)
     member = group_matrix(axis_index_groups, axis_size(names))
-    return jnp.asarray(member)[lax.axis_index(names if len(names) > 1 else names[0])]
+    return jnp.asarray(member)[linear_index(names)]
 
 
 def gather_replicated(values: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -86,7 +97,19 @@ def gather_replicated(values: jax.Array, axis_name: AxisName) -> jax.Array:
     """
     names = _names(axis_name)
     size = axis_size(names)
-    index = lax.axis_index(names if len(names) > 1 else names[0])
+    index = linear_index(names)
     slot = (jnp.arange(size) == index).reshape((size,) + (1,) * values.ndim)
     slotted = jnp.where(slot, values[None], jnp.zeros((), values.dtype))
-    return lax.psum(slotted, names if len(names) > 1 else names[0])
+    try:
+        return lax.psum(slotted, names if len(names) > 1 else names[0])
+    except (AssertionError, ValueError) as e:
+        # jax 0.10, a vmap axis inside shard_map(check_vma=True): an AssertionError in pvary for a
+        # vmap name alone, a ValueError about the "state of the input" for mesh and vmap names mixed
+        if isinstance(e, ValueError) and "state of the input" not in str(e):
+            raise
+        raise ValueError(
+            f"axis_name={axis_name!r}: JAX could not reduce over these axes here. A known JAX "
+            "limitation: collectives over a vmap axis inside jax.shard_map fail when check_vma=True "
+            "(the default). Pass check_vma=False to shard_map, or make the vmapped axis a mesh axis "
+            "(a 2-D mesh and axis_name=(mesh_axis_1, mesh_axis_2))."
+        ) from e
