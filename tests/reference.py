@@ -142,3 +142,28 @@ def rms_norm(x, scale, bias=None, axis=-1, eps=1e-6):
         None if bias is None else f64(bias).reshape(shape),
         eps,
     )
+
+
+def batch_norm_train_vjp(x, scale, dy, axis=-1, eps=1e-5, mask=None):
+    """Closed-form gradients of batch norm in training mode (Ioffe & Szegedy 2015, §3):
+
+        dx = g/(n σ) · (n·dy − Σdy − x̂·Σ(dy·x̂)),   dg = Σ dy·x̂,   db = Σ dy
+
+    with sums over the valid elements of each feature. ``dy`` must be zero on invalid elements
+    (their outputs are not used), whose dx is then zero. Returns (dx, dscale, dbias).
+    """
+    x, dy = f64(x), f64(dy)
+    feat = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    mean, var, n = moments(x, red, mask)
+    valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    assert not np.any(dy[~valid]), "dy must vanish on masked elements"
+    sigma = np.sqrt(var + eps)
+    xhat = np.where(valid, (x - mean) / sigma, 0.0)
+    g = np.ones(n.shape) if scale is None else f64(scale).reshape(n.shape)
+    s1 = dy.sum(axis=red, keepdims=True)
+    s2 = (dy * xhat).sum(axis=red, keepdims=True)
+    safe_n = np.maximum(n, 1)
+    dx = np.where(valid, g / (safe_n * sigma) * (safe_n * dy - s1 - xhat * s2), 0.0)
+    fshape = tuple(x.shape[a] for a in feat)
+    return dx, s2.reshape(fshape), s1.reshape(fshape)

@@ -56,14 +56,36 @@ def _full_batch(x, w, mask, params, stats):
     return y.reshape(x.shape), new, gx.reshape(x.shape), gp
 
 
+def _float64(x, w, mask, params):
+    """Global float64 NumPy reference: y, batch mean/var, dx, (dscale, dbias) for L = Σ w·y (valid)."""
+    xf = x.reshape((-1,) + x.shape[2:])
+    mf = None if mask is None else mask.reshape((-1,) + mask.shape[2:])
+    dy = w.reshape(xf.shape).astype(np.float64)
+    if mf is not None:
+        dy = np.where(np.broadcast_to(mf, xf.shape), dy, 0.0)
+    y, mean, var, _ = ref.batch_norm_train(xf, params.scale, params.bias, mask=mf)
+    dx, dscale, dbias = ref.batch_norm_train_vjp(xf, params.scale, dy, mask=mf)
+    return y.reshape(x.shape), mean, var, dx.reshape(x.shape), (dscale, dbias)
+
+
 def _local_loss(x, w, mask, params, stats, axis_name, **kw):
     y, new = bnjax.batch_norm(x, params, stats, training=True, mask=mask, axis_name=axis_name, **kw)
     return jnp.sum(jnp.where(True if mask is None else mask, w * y, 0.0)), (y, new)
 
 
-def _check(y, new, gx, gp, expected, mask):
+def _check(y, new, gx, gp, expected, mask, f64=None):
+    """Against the single-device full-batch run (tight) and, given f64, the float64 reference."""
     y_ref, new_ref, gx_ref, gp_ref = expected
     valid = np.ones(y.shape, bool) if mask is None else np.broadcast_to(mask, y.shape)
+    if f64 is not None:
+        y64, mean64, var64, gx64, gp64 = f64
+        decay = 3 / 4  # _problem's stats: count 3, mean 0.5, var 2.0 -> decay min(0.9, 3/4)
+        np.testing.assert_allclose(new.mean, decay * 0.5 + (1 - decay) * mean64, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new.var, decay * 2.0 + (1 - decay) * var64, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y)[valid], y64[valid], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gx, gx64, rtol=1e-4, atol=1e-5)
+        for a, b in zip(gp, gp64, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(y)).all()
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-5)
@@ -71,16 +93,6 @@ def _check(y, new, gx, gp, expected, mask):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(new, new_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _float64_check(x, mask, new):
-    """Running statistics after one debiased step equal the global float64 batch statistics."""
-    xf = x.reshape((-1,) + x.shape[2:])
-    mf = None if mask is None else mask.reshape((-1,) + mask.shape[2:])
-    _, m, v, _ = ref.batch_norm_train(xf, None, None, mask=mf)
-    decay = 3 / 4  # count 3 -> min(0.9, 3/4)
-    np.testing.assert_allclose(new.mean, decay * 0.5 + (1 - decay) * m, rtol=1e-5)
-    np.testing.assert_allclose(new.var, decay * 2.0 + (1 - decay) * v, rtol=1e-5)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -96,8 +108,7 @@ def test_pmap(masked):
 
     y, new, gx, gp = step(x, w, mask, params, stats)
     new, gp = jax.tree.map(lambda a: a[0], (new, gp))
-    _check(y, new, gx, gp, expected, mask)
-    _float64_check(x, mask, new)
+    _check(y, new, gx, gp, expected, mask, _float64(x, w, mask, params))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -116,7 +127,7 @@ def test_vmap_axis_name(masked):
         return jnp.sum(losses), (y, new)
 
     (gx, gp), (y, new) = jax.grad(total, argnums=(0, 1), has_aux=True)(x, params)
-    _check(y, new, gx, gp, expected, mask)
+    _check(y, new, gx, gp, expected, mask, _float64(x, w, mask, params))
 
 
 def test_shard_map_with_default_check_vma():
@@ -135,7 +146,7 @@ def test_shard_map_with_default_check_vma():
         return loss, (y, new)
 
     (gx, gp), (y, new) = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))(x, params)
-    _check(y, new, gx, gp, expected, mask)
+    _check(y, new, gx, gp, expected, mask, _float64(x, w, mask, params))
 
 
 def test_nested_axis_names_tuple():
@@ -152,7 +163,7 @@ def test_nested_axis_names_tuple():
     f = jax.pmap(jax.vmap(inner, axis_name="v"), axis_name="p", devices=jax.devices()[:4])
     y, new, gx, gp = f(xs, ws, ms)
     new, gp = jax.tree.map(lambda a: a[0, 0], (new, gp))
-    _check(y.reshape(x.shape), new, gx.reshape(x.shape), gp, expected, mask)
+    _check(y.reshape(x.shape), new, gx.reshape(x.shape), gp, expected, mask, _float64(x, w, mask, params))
 
 
 def test_jit_over_sharded_batch_without_axis_name():
@@ -168,7 +179,7 @@ def test_jit_over_sharded_batch_without_axis_name():
 
     (gx, gp), (y, new) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(xf, params)
     assert y.sharding.is_equivalent_to(sharding, y.ndim)
-    _check(y.reshape(x.shape), new, gx.reshape(x.shape), gp, expected, mask)
+    _check(y.reshape(x.shape), new, gx.reshape(x.shape), gp, expected, mask, _float64(x, w, mask, params))
 
 
 def test_all_devices_empty_leaves_state_unchanged():
@@ -265,7 +276,7 @@ def test_shard_map_two_dimensional_mesh_tuple_axis_name():
         return gx[None], y[None], new
 
     gx, y, new = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=(spec, spec, P())))(x, w, mask)
-    _check(y, new, gx, expected[3], expected, mask)
+    _check(y, new, gx, expected[3], expected, mask, _float64(x, w, mask, params))
 
 
 def test_vmap_inside_shard_map():
@@ -288,7 +299,7 @@ def test_vmap_inside_shard_map():
         return jax.jit(f)(xs, ws, ms)
 
     gx, y, new = run(check_vma=False)
-    _check(y.reshape(x.shape), new, gx.reshape(x.shape), expected[3], expected, mask)
+    _check(y.reshape(x.shape), new, gx.reshape(x.shape), expected[3], expected, mask, _float64(x, w, mask, params))
     with pytest.raises(ValueError, match=r"vmap axis inside jax.shard_map fail when check_vma=True.*check_vma=False"):
         run(check_vma=True)
 
