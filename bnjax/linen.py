@@ -1,0 +1,226 @@
+"""Flax linen modules: thin shells over bnjax's functional API.
+
+Variable layout and keywords follow ``flax.linen``: parameters ``scale`` and ``bias`` in
+``params``; running statistics ``mean`` and ``var`` in ``batch_stats``; ``use_running_average``,
+``momentum``, ``epsilon``, ``axis_name``, ``use_scale``, ``use_bias`` with Flax's meanings and
+defaults. A checkpoint of a model built with ``flax.linen.BatchNorm`` therefore loads into the
+same model built with ``bnjax.linen.BatchNorm`` and back.
+
+bnjax's extras are keywords: ``activation``; for ``BatchNorm`` also ``debias`` (bnjax's unbiased
+start; off by default here, matching Flax), ``unbiased_running_var`` (PyTorch's convention),
+``axis_index_groups`` and ``track_updates``. With ``debias=True`` or ``momentum=None`` the layer
+also keeps ``count`` and ``skipped`` in ``batch_stats`` (see ``bnjax.BatchStats``). Every layer,
+whatever its options, skips the running-statistics update of a feature whose batch statistic is
+non-finite. ``use_fast_variance`` is accepted and ignored: bnjax's variance is always the stable
+one, at the cost of the fast one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnjax._src import shells
+from bnjax._src.params import NormParams
+from bnjax._src.running import BatchStats
+
+Initializer = Callable[..., Any]
+Axes = int | Sequence[int]
+
+
+def _affine(module: nn.Module, shape: tuple[int, ...]) -> NormParams:
+    return NormParams(
+        module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None,
+        module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None,
+    )
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization (Ioffe & Szegedy 2015) as a linen module; see ``bnjax.batch_norm``.
+
+    Math: y = f(g·(x − μ)/√(σ² + ε) + b) with batch statistics in training
+    (``use_running_average=False``) and the running ones otherwise;
+    running ← momentum·running + (1 − momentum)·batch (Flax's plain EMA unless ``debias=True``).
+
+    Shapes: x of any rank with features on ``axis``; ``scale``, ``bias``, ``mean``, ``var`` of the
+    feature shape. Output: x's shape, and x's dtype (or ``dtype``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9)
+      >>> x = jnp.ones((4, 3)).at[0].set(2.0)
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"])
+      ['mean', 'var']
+    """
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+    debias: bool = False
+    unbiased_running_var: bool = False
+    track_updates: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        shape = shells.feature_shape(x, self.axis)
+        params = _affine(self, shape)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+        track = shells.tracks_updates(self)
+        if track:
+            count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+            skipped = self.variable("batch_stats", "skipped", jnp.zeros, shape, jnp.int32)
+            stats = BatchStats(mean.value, var.value, count.value, skipped.value)
+        else:
+            stats = BatchStats(mean.value, var.value, jnp.zeros((), jnp.int32))
+        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, self.is_initializing())
+        if not use_ra and not self.is_initializing():  # as Flax: init does not update the statistics
+            mean.value, var.value = new.mean, new.var
+            if track:
+                count.value, skipped.value = new.count, new.skipped
+        return y
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization (Ba et al. 2016) as a linen module; see ``bnjax.layer_norm``.
+
+    Math: y = f(g·(x − μ)/√(σ² + ε) + b), μ, σ² over ``reduction_axes`` of each example;
+    g, b over ``feature_axes``. Defaults as ``flax.linen.LayerNorm`` (ε = 1e-6).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.LayerNorm()
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5)))
+      >>> layer.apply(variables, jnp.arange(10.0).reshape(2, 5)).shape
+      (2, 5)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)))
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018) as a linen module; see ``bnjax.group_norm``.
+
+    Math: per example, μ, σ² over each group of channels and the spatial axes; g, b per channel.
+    Channels last; ``num_groups`` (default 32, as Flax) or ``group_size``. ε = 1e-6 as Flax.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.GroupNorm(num_groups=2)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 8)))
+      >>> variables["params"]["scale"].shape
+      (8,)
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return shells.group_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization (Ulyanov et al. 2016) as a linen module; see ``bnjax.instance_norm``.
+
+    Math: per example and channel, μ, σ² over the spatial axes; channels last; ε = 1e-6 as Flax.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.InstanceNorm()
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))
+      >>> layer.apply(variables, jnp.ones((2, 4, 4, 3))).shape
+      (2, 4, 4, 3)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return shells.instance_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization (Zhang & Sennrich 2019) as a linen module; see ``bnjax.rms_norm``.
+
+    Math: y = f(g·x/√(mean(x²) + ε)) over ``reduction_axes``; no bias (as Flax); ε = 1e-6.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.RMSNorm()
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 6)))
+      >>> sorted(variables["params"])
+      ['scale']
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = nn.initializers.ones
+    reduction_axes: Axes = -1
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = shells.feature_shape(x, self.reduction_axes)
+        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
+        return shells.rms_norm(self, x, NormParams(scale, None))
+
+
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]

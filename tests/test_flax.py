@@ -1,0 +1,297 @@
+"""Flax shells: equal to the functional API bit for bit, equal to Flax's own modules with the
+parity options, checkpoint-compatible with Flax, and working under Flax's transforms."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax import serialization as ser
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+import bnjax.linen
+import bnjax.nnx
+from tests.helpers import data
+
+X, _ = data((8, 6, 6, 4), seed=3, loc=2.0)
+
+
+def _bitwise(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shells == functional API, bit for bit
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_linen_batch_norm_is_the_functional_call(debias):
+    layer = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9, debias=debias, activation=jax.nn.relu)
+    v = layer.init(jax.random.key(0), X)
+    assert set(v["batch_stats"]) == ({"mean", "var", "count", "skipped"} if debias else {"mean", "var"})
+    p = bnjax.NormParams(jnp.linspace(0.5, 2, 4), jnp.linspace(-1, 1, 4))
+    v = {"params": {"scale": p.scale, "bias": p.bias}, "batch_stats": v["batch_stats"]}
+    stats = bnjax.init_stats(4)
+    for _ in range(3):
+        y, upd = layer.apply(v, X, mutable=["batch_stats"])
+        y_ref, stats = bnjax.batch_norm(X, p, stats, training=True, momentum=0.9, debias=debias, activation=jax.nn.relu)
+        _bitwise(y, y_ref)
+        v = {"params": v["params"], **upd}
+        _bitwise(v["batch_stats"]["mean"], stats.mean)
+        _bitwise(v["batch_stats"]["var"], stats.var)
+        if debias:
+            _bitwise(v["batch_stats"]["count"], stats.count)
+    y = layer.clone(use_running_average=True).apply(v, X)
+    _bitwise(y, bnjax.batch_norm(X, p, stats, training=False, activation=jax.nn.relu)[0])
+
+
+def test_nnx_batch_norm_is_the_functional_call_and_switches_with_eval():
+    layer = bnjax.nnx.BatchNorm(4, momentum=0.9, debias=True, rngs=nnx.Rngs(0))
+    stats = bnjax.init_stats(4)
+    p = bnjax.init_params(4)
+    for _ in range(3):
+        y = layer(X)
+        y_ref, stats = bnjax.batch_norm(X, p, stats, training=True, momentum=0.9, debias=True)
+        _bitwise(y, y_ref)
+    _bitwise((layer.mean[...], layer.var[...], layer.count[...], layer.skipped[...]), tuple(stats))
+    layer.eval()
+    _bitwise(layer(X), bnjax.batch_norm(X, p, stats, training=False)[0])
+    _bitwise(layer.mean[...], stats.mean)  # eval leaves statistics alone
+    layer.train()
+    layer(X)
+    assert int(layer.count[...]) == 4
+
+
+SIMPLE = {
+    "LayerNorm": (dict(), lambda x, p: bnjax.layer_norm(x, p, eps=1e-6)),
+    "GroupNorm": (dict(num_groups=2), lambda x, p: bnjax.group_norm(x, p, num_groups=2, eps=1e-6)),
+    "InstanceNorm": (dict(), lambda x, p: bnjax.instance_norm(x, p, eps=1e-6)),
+    "RMSNorm": (dict(), lambda x, p: bnjax.rms_norm(x, bnjax.NormParams(p.scale, None), eps=1e-6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIMPLE))
+def test_linen_and_nnx_simple_layers_are_the_functional_call(name):
+    kw, functional = SIMPLE[name]
+    p = bnjax.init_params(4)
+    layer = getattr(bnjax.linen, name)(**kw)
+    _bitwise(layer.apply(layer.init(jax.random.key(0), X), X), functional(X, p))
+    _bitwise(getattr(bnjax.nnx, name)(4, **kw, rngs=nnx.Rngs(0))(X), functional(X, p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with Flax's own modules (use_fast_variance=False, plain EMA) in a small ResNet
+
+
+class ResNet(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = functools.partial(self.norm, use_running_average=not train, momentum=0.9, use_fast_variance=False)
+        x = nn.Conv(8, (3, 3), use_bias=False)(x)
+        x = nn.relu(bn()(x))
+        for _ in range(2):
+            h = nn.relu(bn()(nn.Conv(8, (3, 3), use_bias=False)(x)))
+            h = bn(scale_init=nn.initializers.zeros)(nn.Conv(8, (3, 3), use_bias=False)(h))
+            x = nn.relu(x + h)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(3)(x)
+
+
+def test_linen_resnet_matches_flax_over_training_steps():
+    xs = [data((8, 8, 8, 3), seed=20 + i, loc=0.5)[0] for i in range(4)]
+    labels = jnp.arange(8) % 3
+    models = {"flax": ResNet(nn.BatchNorm), "bnjax": ResNet(bnjax.linen.BatchNorm)}
+    variables = models["flax"].init(jax.random.key(0), xs[0], train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        models["bnjax"].init(jax.random.key(0), xs[0], train=False)
+    )
+    opt = optax.sgd(0.1)
+    state = {k: (variables, opt.init(variables["params"])) for k in models}
+
+    def step(model, variables, opt_state, x):
+        def loss_fn(params):
+            logits, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (upd, logits)
+
+        (loss, (upd, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        updates, opt_state = opt.update(grads, opt_state)
+        params = optax.apply_updates(variables["params"], updates)
+        return {"params": params, **upd}, opt_state, logits, grads
+
+    for x in xs:
+        out = {k: jax.jit(functools.partial(step, m))(*state[k], x) for k, m in models.items()}
+        state = {k: o[:2] for k, o in out.items()}
+        np.testing.assert_allclose(out["bnjax"][2], out["flax"][2], rtol=1e-4, atol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), out["bnjax"][3], out["flax"][3]
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state["bnjax"][0], state["flax"][0]
+        )
+    evals = {k: m.apply(state[k][0], xs[0], train=False) for k, m in models.items()}
+    np.testing.assert_allclose(evals["bnjax"], evals["flax"], rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_batch_norm_matches_flax_nnx():
+    ours = bnjax.nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
+    theirs = nnx.BatchNorm(4, momentum=0.9, use_fast_variance=False, rngs=nnx.Rngs(0))
+    for i in range(4):
+        x = data((8, 5, 4), seed=i, loc=float(i))[0]
+        np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.mean[...], theirs.mean[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-5, atol=1e-6)
+    ours.eval(), theirs.eval()
+    np.testing.assert_allclose(ours(X[..., :4].reshape(-1, 4)), theirs(X[..., :4].reshape(-1, 4)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (bnjax.linen.LayerNorm(), nn.LayerNorm(use_fast_variance=False)),
+        (bnjax.linen.GroupNorm(num_groups=2), nn.GroupNorm(num_groups=2, use_fast_variance=False)),
+        (bnjax.linen.InstanceNorm(), nn.InstanceNorm(use_fast_variance=False)),
+        (bnjax.linen.RMSNorm(), nn.RMSNorm()),
+    ],
+)
+def test_linen_simple_layers_match_flax(ours, theirs):
+    v = theirs.init(jax.random.key(0), X)
+    v = jax.tree.map(lambda a: a + jnp.linspace(0.1, 0.4, a.shape[-1]), v)  # non-trivial g, b
+    np.testing.assert_allclose(ours.apply(v, X), theirs.apply(v, X), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _trained(model, x):
+    v = model.init(jax.random.key(1), x, train=False)
+    _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return {"params": jax.tree.map(lambda a: a + 0.01, v["params"]), **upd}
+
+
+def test_flax_serialization_round_trip_both_ways():
+    x = data((4, 8, 8, 3), seed=5)[0]
+    theirs, ours = ResNet(nn.BatchNorm), ResNet(bnjax.linen.BatchNorm)
+    flax_vars = _trained(theirs, x)
+    loaded = ser.from_bytes(ours.init(jax.random.key(9), x, train=False), ser.to_bytes(flax_vars))
+    _bitwise(loaded, flax_vars)
+    np.testing.assert_allclose(
+        ours.apply(loaded, x, train=False), theirs.apply(flax_vars, x, train=False), rtol=1e-5, atol=1e-5
+    )
+    back = ser.from_bytes(theirs.init(jax.random.key(9), x, train=False), ser.to_bytes(_trained(ours, x)))
+    _bitwise(back, _trained(ours, x))
+
+
+def test_orbax_round_trip_both_ways(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    x = data((4, 8, 8, 3), seed=6)[0]
+    theirs, ours = ResNet(nn.BatchNorm), ResNet(bnjax.linen.BatchNorm)
+    for i, (src, dst) in enumerate([(theirs, ours), (ours, theirs)]):
+        saved = _trained(src, x)
+        path = tmp_path / f"ckpt{i}"
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, saved)
+            ckpt.wait_until_finished()
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, dst.init(jax.random.key(9), x, train=False))
+            restored = ckpt.restore(path, target)
+        _bitwise(restored, saved)
+        dst.apply(restored, x, train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def test_linen_under_nn_jit_and_nn_scan_over_layers():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(bnjax.linen.BatchNorm(use_running_average=False, debias=True)(nn.Dense(4)(x))), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(
+                Block,
+                variable_axes={"params": 0, "batch_stats": 0},
+                split_rngs={"params": True},
+                length=3,
+            )
+            return nn.jit(scan)()(x, None)[0]
+
+    x = data((16, 4), seed=7)[0]
+    v = Stack().init(jax.random.key(0), x)
+    (bn,) = [d["BatchNorm_0"] for d in v["batch_stats"].values()]
+    assert bn["mean"].shape == (3, 4)
+    y, upd = Stack().apply(v, x, mutable=["batch_stats"])
+    assert y.shape == x.shape
+    (bn,) = [d["BatchNorm_0"] for d in upd["batch_stats"].values()]
+    np.testing.assert_array_equal(bn["count"], [1, 1, 1])
+
+
+def test_linen_under_nn_vmap_with_axis_name():
+    """nn.vmap over an ensemble axis, statistics synced over a second, named vmapped batch axis."""
+    layer = nn.vmap(
+        bnjax.linen.BatchNorm,
+        in_axes=0,
+        out_axes=0,
+        variable_axes={"params": None, "batch_stats": None},
+        split_rngs={"params": False},
+        axis_name="batch",
+    )(use_running_average=False, axis_name="batch", momentum=0.9)
+    x = data((6, 4), seed=8)[0]  # vmapped over the 6 examples: each call sees one (4,) example
+    v = layer.init(jax.random.key(0), x)
+    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    y_ref, stats = bnjax.batch_norm(
+        x, bnjax.init_params(4), bnjax.init_stats(4), training=True, momentum=0.9, debias=False
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], stats.mean, rtol=1e-6)
+
+
+def test_nnx_under_scan_vmap_and_eval_shape():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return bnjax.nnx.BatchNorm(4, debias=True, rngs=nnx.Rngs(key))
+
+    layers = make(jax.random.split(jax.random.key(0), 3))
+    assert layers.mean[...].shape == (3, 4)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def forward(layer, x):
+        return layer(x)
+
+    x = data((16, 4), seed=9)[0]
+    y = forward(layers, x)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(layers.count[...], [1, 1, 1])
+
+    abstract = nnx.eval_shape(lambda: bnjax.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+    assert abstract.mean.shape == (4,)
+
+
+def test_linen_inside_shard_map():
+    layer = bnjax.linen.BatchNorm(use_running_average=False, axis_name="d", momentum=0.9)
+    x = data((32, 4), seed=10, loc=5.0)[0]
+    v = layer.init(jax.random.key(0), x)
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def per_shard(x):
+        return layer.apply(v, x, mutable=["batch_stats"])
+
+    y, upd = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P())))(x)
+    y_ref, stats = bnjax.batch_norm(
+        x, bnjax.init_params(4), bnjax.init_stats(4), training=True, momentum=0.9, debias=False
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], stats.var, rtol=1e-5)
