@@ -123,7 +123,7 @@ def test_linen_resnet_matches_flax_over_training_steps():
             logits, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (upd, logits)
 
-        (loss, (upd, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        (_, (upd, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
         updates, opt_state = opt.update(grads, opt_state)
         params = optax.apply_updates(variables["params"], updates)
         return {"params": params, **upd}, opt_state, logits, grads
