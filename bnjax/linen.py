@@ -39,6 +39,23 @@ def _affine(module: nn.Module, shape: tuple[int, ...]) -> NormParams:
     )
 
 
+class _Normalization(nn.Module):
+    """Fields every shell shares, with Flax's names and defaults (ε = 1e-6 as Flax's LayerNorm,
+    GroupNorm, InstanceNorm and RMSNorm); ``use_fast_variance`` and ``force_float32_reductions``
+    are accepted for compatibility and ignored (the variance is always the stable one, in float32)."""
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+
 class BatchNorm(nn.Module):
     """Batch normalization (Ioffe & Szegedy 2015) as a linen module; see ``bnjax.batch_norm``.
 
@@ -100,7 +117,7 @@ class BatchNorm(nn.Module):
         return y
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Normalization):
     """Layer normalization (Ba et al. 2016) as a linen module; see ``bnjax.layer_norm``.
 
     Math: y = f(g·(x − μ)/√(σ² + ε) + b), μ, σ² over ``reduction_axes`` of each example;
@@ -114,25 +131,15 @@ class LayerNorm(nn.Module):
       (2, 5)
     """
 
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = nn.initializers.zeros
-    scale_init: Initializer = nn.initializers.ones
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    activation: Callable[[jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)))
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_Normalization):
     """Group normalization (Wu & He 2018) as a linen module; see ``bnjax.group_norm``.
 
     Math: per example, μ, σ² over each group of channels and the spatial axes; g, b per channel.
@@ -148,23 +155,13 @@ class GroupNorm(nn.Module):
 
     num_groups: int | None = 32
     group_size: int | None = None
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = nn.initializers.zeros
-    scale_init: Initializer = nn.initializers.ones
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    activation: Callable[[jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return shells.group_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(_Normalization):
     """Instance normalization (Ulyanov et al. 2016) as a linen module; see ``bnjax.instance_norm``.
 
     Math: per example and channel, μ, σ² over the spatial axes; channels last; ε = 1e-6 as Flax.
@@ -177,26 +174,16 @@ class InstanceNorm(nn.Module):
       (2, 4, 4, 3)
     """
 
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = nn.initializers.zeros
-    scale_init: Initializer = nn.initializers.ones
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    activation: Callable[[jax.Array], jax.Array] | None = None
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return shells.instance_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_Normalization):
     """RMS normalization (Zhang & Sennrich 2019) as a linen module; see ``bnjax.rms_norm``.
 
-    Math: y = f(g·x/√(mean(x²) + ε)) over ``reduction_axes``; no bias (as Flax); ε = 1e-6.
+    Math: y = f(g·x/√(mean(x²) + ε) + b) over ``reduction_axes``; b only with ``use_bias=True``
+    (Flax's RMSNorm has none); ε = 1e-6.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -206,21 +193,12 @@ class RMSNorm(nn.Module):
       ['scale']
     """
 
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_scale: bool = True
-    scale_init: Initializer = nn.initializers.ones
+    use_bias: bool = False  # no re-shift by default, as Flax (which has no bias at all)
     reduction_axes: Axes = -1
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    activation: Callable[[jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = shells.feature_shape(x, self.reduction_axes)
-        scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
-        return shells.rms_norm(self, x, NormParams(scale, None))
+        return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.reduction_axes)))
 
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
