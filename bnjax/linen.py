@@ -113,7 +113,8 @@ class BatchNorm(nn.Module):
         if not use_ra and not self.is_initializing():  # as Flax: init does not update the statistics
             mean.value, var.value = new.mean, new.var
             if track:
-                count.value, skipped.value = new.count, new.skipped
+                count.value = new.count
+                skipped.value = jnp.asarray(new.skipped)  # tracked, so never None here
         return y
 
 

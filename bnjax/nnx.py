@@ -98,7 +98,7 @@ class BatchNorm(nnx.Module):
         y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask)
         if not use_ra:
             self.mean[...], self.var[...] = new.mean, new.var
-            if self.count is not None:
+            if self.count is not None and self.skipped is not None:
                 self.count[...], self.skipped[...] = new.count, new.skipped
         return y
 

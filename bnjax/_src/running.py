@@ -44,7 +44,7 @@ class BatchStats(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the API's name; shadows tuple.count
     skipped: jax.Array | None = None
 
 

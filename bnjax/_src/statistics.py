@@ -37,7 +37,7 @@ class Moments(NamedTuple):
     Shapes are those of x with the reduced axes kept as size 1 (broadcastable against x).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field, shadowing tuple.count on purpose
     shift: jax.Array
     offset: jax.Array
     m2: jax.Array

@@ -111,11 +111,13 @@ def normalize(
     """
     x = check_floating(x)
     check_eps(eps)
+    if var is None:
+        raise TypeError("var is required (σ²); for RMS-style scaling pass mean=None and var=mean(x²).")
     with jax.named_scope("bnjax.normalize"):
         return apply_normalization(
             x,
             _aligned(mean, x, "mean"),
-            _aligned(var, x, "var"),
+            jnp.asarray(_aligned(var, x, "var")),
             _aligned(scale, x, "scale"),
             _aligned(bias, x, "bias"),
             eps,
