@@ -167,3 +167,120 @@ def batch_norm_train_vjp(x, scale, dy, axis=-1, eps=1e-5, mask=None):
     dx = np.where(valid, g / (safe_n * sigma) * (safe_n * dy - s1 - xhat * s2), 0.0)
     fshape = tuple(x.shape[a] for a in feat)
     return dx, s2.reshape(fshape), s1.reshape(fshape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-side methods: the output-unit axis is ``axis``, every other axis is fan-in.
+
+
+def _units(w, axis):
+    """The weight as a list of per-output-unit float64 arrays (explicit, no reshape tricks)."""
+    w = f64(w)
+    return [np.take(w, j, axis=axis) for j in range(w.shape[axis])]
+
+
+def _from_units(units, axis):
+    return np.stack(units, axis=axis % (units[0].ndim + 1))
+
+
+def weight_norm(v, g, axis=-1, eps=1e-12):
+    """w_j = g_j v_j / sqrt(sum(v_j^2) + eps), unit by unit (Salimans & Kingma 2016, eq. 2)."""
+    g = f64(g)
+    units = [g[j] * u / np.sqrt(np.sum(u * u) + eps) for j, u in enumerate(_units(v, axis))]
+    return _from_units(units, axis)
+
+
+def weight_norm_data_init(v, x, axis=-1, eps=1e-5, init_scale=1.0, norm_eps=1e-12):
+    """(g, b) with g = s/sqrt(var(t) + eps), b = -mean(t) g, t = x . v_j/|v_j| (Salimans & Kingma §3)."""
+    x = f64(x).reshape(-1, np.shape(x)[-1])
+    g, b = [], []
+    for u in _units(v, axis):
+        t = x @ (u / np.sqrt(np.sum(u * u) + norm_eps))
+        mu = t.mean()
+        var = ((t - mu) ** 2).mean()
+        g.append(init_scale / np.sqrt(var + eps))
+        b.append(-mu * g[-1])
+    return np.array(g), np.array(b)
+
+
+def weight_standardize(w, axis=-1, eps=1e-5):
+    """(w_j - mean(w_j)) / sqrt(var(w_j) + eps), unit by unit, two-pass (Qiao et al. 2019)."""
+    units = []
+    for u in _units(w, axis):
+        mu = u.mean()
+        var = ((u - mu) ** 2).mean()
+        units.append((u - mu) / np.sqrt(var + eps))
+    return _from_units(units, axis)
+
+
+def weight_matrix(w, axis=-1):
+    """W of shape (out, fan_in): row j is the flattened weights of output unit j."""
+    return np.stack([u.reshape(-1) for u in _units(w, axis)])
+
+
+def spectral_norm_power(w, u, n_steps=1, axis=-1, eps=1e-12, training=True):
+    """Power iteration as in Miyato et al. 2018, Algorithm 1, in float64: returns (w / sigma, u)."""
+    mat = weight_matrix(w, axis)
+    u = f64(u).copy()
+
+    def unit(a):
+        return a / max(np.linalg.norm(a), eps)
+
+    for _ in range(n_steps if training else 0):
+        v = unit(mat.T @ u)
+        u = unit(mat @ v)
+    v = unit(mat.T @ u)
+    sigma = u @ mat @ v
+    return f64(w) / sigma, u
+
+
+def spectral_norm_exact(w, axis=-1):
+    """(w / sigma_max, sigma_max, left singular vector) from the SVD of the (out, fan_in) matrix."""
+    mat = weight_matrix(w, axis)
+    left, s, _ = np.linalg.svd(mat)
+    return f64(w) / s[0], s[0], left[:, 0]
+
+
+def cosine_norm(x, w, eps=1e-8):
+    """y[n, j] = x_n . w_j / (sqrt(|x_n|^2 + eps) sqrt(|w_j|^2 + eps)), explicit loops (Luo et al. 2017)."""
+    x, w = f64(x), f64(w)
+    flat = x.reshape(-1, x.shape[-1])
+    y = np.empty((flat.shape[0], w.shape[1]))
+    for n in range(flat.shape[0]):
+        for j in range(w.shape[1]):
+            xn, wj = flat[n], w[:, j]
+            y[n, j] = xn @ wj / (np.sqrt(xn @ xn + eps) * np.sqrt(wj @ wj + eps))
+    return y.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+def _same_padding(size, k, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def cosine_norm_conv2d(x, kernel, strides=(1, 1), padding="SAME", eps=1e-8):
+    """Cosine between each zero-padded input patch and each filter, NHWC x and (kh, kw, in, out)
+    kernel, by explicit loops over output positions."""
+    x, kernel = f64(x), f64(kernel)
+    kh, kw, _, out = kernel.shape
+    if padding == "SAME":
+        pads = [_same_padding(x.shape[1], kh, strides[0]), _same_padding(x.shape[2], kw, strides[1])]
+    elif padding == "VALID":
+        pads = [(0, 0), (0, 0)]
+    else:
+        pads = [tuple(p) for p in padding]
+    xp = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    oh = (xp.shape[1] - kh) // strides[0] + 1
+    ow = (xp.shape[2] - kw) // strides[1] + 1
+    filters = kernel.reshape(-1, out)
+    y = np.empty((x.shape[0], oh, ow, out))
+    for n in range(x.shape[0]):
+        for i in range(oh):
+            for j in range(ow):
+                r, c = i * strides[0], j * strides[1]
+                patch = xp[n, r : r + kh, c : c + kw, :].reshape(-1)
+                for k in range(out):
+                    f = filters[:, k]
+                    y[n, i, j, k] = patch @ f / (np.sqrt(patch @ patch + eps) * np.sqrt(f @ f + eps))
+    return y
