@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import shells
+from bnjax._src import shells, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
 
@@ -202,4 +202,238 @@ class RMSNorm(_Normalization):
         return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.reduction_axes)))
 
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+# ---------------------------------------------------------------------------------------------
+# Statistics from the weights
+
+
+def _reparametrize(module: nn.Module, fn: Callable[[str, jax.Array], jax.Array]) -> Callable[..., Any]:
+    """Applies ``module.layer_instance`` with every filtered parameter v read as ``fn(name, v)``.
+
+    ``nn.map_variables`` transforms only the view the wrapped layer reads: its stored kernel stays
+    the raw parameter v, and gradients flow to v and to whatever ``fn`` adds.
+    """
+
+    def view(variables):
+        def one(path, v):
+            keys = [str(getattr(k, "key", k)) for k in path]  # (collection, ..., name)
+            if keys[0] != "params" or keys[-1] not in module.variable_filter:
+                return v
+            return fn("/".join(keys[1:]), v)
+
+        return jax.tree_util.tree_map_with_path(one, variables)
+
+    def forward(layer, *args, **kwargs):
+        return layer(*args, **kwargs)
+
+    return lambda *args, **kwargs: nn.map_variables(forward, trans_in_fn=view, init=module.is_initializing())(
+        module.layer_instance, *args, **kwargs
+    )
+
+
+class WeightNorm(nn.Module):
+    """Weight normalization (Salimans & Kingma 2016) of a wrapped layer; see ``bnjax.weight_norm``.
+
+    Math: the layer computes with w = g · v/‖v‖ (norm over every axis but ``feature_axis``) for each
+    parameter named in ``variable_filter`` (default: ``kernel``). The layer's own kernel v stays as
+    it is (never overwritten); g is a parameter of this wrapper, ``"<path>/scale"``, initialized to
+    ‖v‖ so that wrapping leaves the layer's output unchanged (PyTorch's behaviour; Flax starts g at 1).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> layer = bnjax.linen.WeightNorm(nn.Dense(3))
+      >>> x = jnp.ones((2, 4))
+      >>> v = layer.init(jax.random.key(0), x)
+      >>> sorted(v["params"])
+      ['kernel/scale', 'layer_instance']
+      >>> dense = {"params": v["params"]["layer_instance"]}
+      >>> bool(jnp.allclose(layer.apply(v, x), nn.Dense(3).apply(dense, x), atol=1e-6))
+      True
+    """
+
+    layer_instance: nn.Module
+    feature_axis: int = -1
+    epsilon: float = 1e-12
+    variable_filter: frozenset[str] = frozenset({"kernel"})
+
+    @nn.compact
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        def normalize(name: str, v: jax.Array) -> jax.Array:
+            g = self.param(f"{name}/scale", lambda _: weights.weight_norm_init(v, axis=self.feature_axis))
+            return weights.weight_norm(v, g, axis=self.feature_axis, eps=self.epsilon)
+
+        return _reparametrize(self, normalize)(*args, **kwargs)
+
+
+class WeightStandardization(nn.Module):
+    """Weight standardization (Qiao et al. 2019) of a wrapped layer; see ``bnjax.weight_standardize``.
+
+    Math: the layer computes with ŵ = (w − μ)/√(σ² + ε), μ, σ² over the fan-in of each output unit
+    (every axis but ``feature_axis``), for each parameter named in ``variable_filter``. The stored
+    kernel stays the raw w.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> layer = bnjax.linen.WeightStandardization(nn.Conv(4, (3, 3)))
+      >>> v = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+      >>> layer.apply(v, jnp.ones((1, 8, 8, 3))).shape
+      (1, 8, 8, 4)
+    """
+
+    layer_instance: nn.Module
+    feature_axis: int = -1
+    epsilon: float = 1e-5
+    variable_filter: frozenset[str] = frozenset({"kernel"})
+
+    @nn.compact
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        def standardize(name: str, w: jax.Array) -> jax.Array:
+            return weights.weight_standardize(w, axis=self.feature_axis, eps=self.epsilon)
+
+        return _reparametrize(self, standardize)(*args, **kwargs)
+
+
+class StandardizedConv(nn.Module):
+    """A convolution with a standardized kernel (Qiao et al. 2019): ``nn.Conv`` under
+    ``WeightStandardization``, the pairing with group norm the paper recommends.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> conv = bnjax.linen.StandardizedConv(8, (3, 3))
+      >>> v = conv.init(jax.random.key(0), jnp.ones((2, 6, 6, 3)))
+      >>> conv.apply(v, jnp.ones((2, 6, 6, 3))).shape
+      (2, 6, 6, 8)
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    epsilon: float = 1e-5
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = nn.Conv(
+            self.features,
+            tuple(self.kernel_size),
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+        )
+        return WeightStandardization(conv, epsilon=self.epsilon)(x)
+
+
+class CosineDense(nn.Module):
+    """Cosine normalization (Luo et al. 2017) of a dense layer; see ``bnjax.cosine_norm``.
+
+    Math: y_j = cos θ_j = x·w_j / (‖x‖ ‖w_j‖) ∈ [−1, 1]; no bias and no scale (the paper's form).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.CosineDense(3)
+      >>> v = layer.init(jax.random.key(0), jnp.ones((2, 5)))
+      >>> bool(jnp.all(jnp.abs(layer.apply(v, jnp.ones((2, 5)))) <= 1))
+      True
+    """
+
+    features: int
+    epsilon: float = 1e-8
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
+        return weights.cosine_norm(x, kernel, eps=self.epsilon)
+
+
+class CosineConv(nn.Module):
+    """Cosine normalization of a convolution: cos θ between each input patch and each filter
+    (Luo et al. 2017); see ``bnjax.cosine_norm_conv``. NHWC input, kernel (kh, kw, in, out).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.CosineConv(4, (3, 3))
+      >>> v = layer.init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+      >>> layer.apply(v, jnp.ones((1, 6, 6, 2))).shape
+      (1, 6, 6, 4)
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    epsilon: float = 1e-8
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*tuple(self.kernel_size), jnp.shape(x)[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        return weights.cosine_norm_conv(x, kernel, strides=self.strides, padding=self.padding, eps=self.epsilon)
+
+
+class SpectralNorm(nn.Module):
+    """Spectral normalization (Miyato et al. 2018) of a wrapped layer; see ``bnjax.spectral_norm``.
+
+    Math: the layer computes with w/σ_max(w) for each parameter named in ``variable_filter``;
+    σ_max is estimated by power iteration whose vector u lives in ``batch_stats`` as
+    ``"<path>/u"`` (explicit state, warmed up at init). ``update_stats=True`` (training) runs
+    ``n_steps`` iterations and stores u (make ``batch_stats`` mutable); ``False`` (evaluation)
+    uses the stored u without iterating. The stored kernel stays the raw w.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> layer = bnjax.linen.SpectralNorm(nn.Dense(3))
+      >>> v = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+      >>> y, upd = layer.apply(v, jnp.ones((2, 4)), update_stats=True, mutable=["batch_stats"])
+      >>> sorted(upd["batch_stats"])
+      ['kernel/u']
+    """
+
+    layer_instance: nn.Module
+    n_steps: int = 1
+    feature_axis: int = -1
+    epsilon: float = 1e-12
+    n_warmup: int = 15
+    variable_filter: frozenset[str] = frozenset({"kernel"})
+
+    @nn.compact
+    def __call__(self, *args: Any, update_stats: bool = False, **kwargs: Any) -> Any:
+        def normalize(name: str, w: jax.Array) -> jax.Array:
+            u = self.variable(
+                "batch_stats",
+                f"{name}/u",
+                lambda: weights.spectral_norm_init(
+                    self.make_rng("params"), w, axis=self.feature_axis, n_warmup=self.n_warmup
+                ),
+            )
+            training = update_stats and not self.is_initializing()
+            w_sn, new_u = weights.spectral_norm(
+                w, u.value, n_steps=self.n_steps, axis=self.feature_axis, eps=self.epsilon, training=training
+            )
+            if training and self.is_mutable_collection("batch_stats"):
+                u.value = new_u
+            return w_sn
+
+        return _reparametrize(self, normalize)(*args, **kwargs)
+
+
+__all__ = [
+    "BatchNorm",
+    "CosineConv",
+    "CosineDense",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "StandardizedConv",
+    "WeightNorm",
+    "WeightStandardization",
+]

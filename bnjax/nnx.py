@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax._src import shells
+from bnjax._src import shells, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
 
 Initializer = Callable[..., Any]
 Axes = int | Sequence[int]
 _zeros, _ones = nnx.initializers.zeros, nnx.initializers.ones
+_lecun_normal = nnx.initializers.lecun_normal()
 
 
 def _value(v: nnx.Variable | None) -> jax.Array | None:
@@ -243,4 +244,181 @@ class RMSNorm(nnx.Module):
         return shells.rms_norm(self, x, NormParams(_value(self.scale), None))
 
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+# ---------------------------------------------------------------------------------------------
+# Statistics from the weights
+
+
+def _kernel(layer: nnx.Module) -> jax.Array:
+    """The wrapped layer's ``kernel`` value, or a clear error for a layer that has none."""
+    kernel = getattr(layer, "kernel", None)
+    if not isinstance(kernel, nnx.Param):
+        raise TypeError(
+            f"{type(layer).__name__} has no nnx.Param named 'kernel': the weight-side wrappers "
+            "normalize a layer's kernel, e.g. nnx.Linear or nnx.Conv."
+        )
+    return kernel[...]
+
+
+def _call_with_kernel(layer: nnx.Module, kernel: jax.Array, *args: Any, **kwargs: Any) -> Any:
+    """Calls a copy of ``layer`` whose ``kernel`` reads ``kernel``; ``layer`` itself is untouched."""
+    copy = nnx.merge(*nnx.split(layer))
+    # rebinds the copy's attribute; in-place writes would reach layer's
+    copy.kernel = nnx.Param(kernel)  # type: ignore[attr-defined]
+    return copy(*args, **kwargs)
+
+
+class WeightNorm(nnx.Module):
+    """Weight normalization (Salimans & Kingma 2016) of a wrapped layer's ``kernel``.
+
+    Math: the layer computes with w = g · v/‖v‖ (norm over every axis but ``feature_axis``); its own
+    kernel v is never overwritten; g (``scale``) starts at ‖v‖, so wrapping leaves the output
+    unchanged. See ``bnjax.weight_norm``.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> layer = bnjax.nnx.WeightNorm(dense)
+      >>> bool(jnp.allclose(layer(jnp.ones((2, 4))), dense(jnp.ones((2, 4))), atol=1e-6))
+      True
+    """
+
+    def __init__(self, layer: nnx.Module, *, feature_axis: int = -1, epsilon: float = 1e-12):
+        self.layer, self.feature_axis, self.epsilon = layer, feature_axis, epsilon
+        self.scale = nnx.Param(weights.weight_norm_init(_kernel(layer), axis=feature_axis))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w = weights.weight_norm(_kernel(self.layer), self.scale[...], axis=self.feature_axis, eps=self.epsilon)
+        return _call_with_kernel(self.layer, w, *args, **kwargs)
+
+
+class WeightStandardization(nnx.Module):
+    """Weight standardization (Qiao et al. 2019) of a wrapped layer's ``kernel``.
+
+    Math: the layer computes with ŵ = (w − μ)/√(σ² + ε) over the fan-in of each output unit;
+    its own kernel stays the raw w. See ``bnjax.weight_standardize``.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> conv = bnjax.nnx.WeightStandardization(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))
+      >>> conv(jnp.ones((1, 6, 6, 3))).shape
+      (1, 6, 6, 4)
+    """
+
+    def __init__(self, layer: nnx.Module, *, feature_axis: int = -1, epsilon: float = 1e-5):
+        self.layer, self.feature_axis, self.epsilon = layer, feature_axis, epsilon
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w = weights.weight_standardize(_kernel(self.layer), axis=self.feature_axis, eps=self.epsilon)
+        return _call_with_kernel(self.layer, w, *args, **kwargs)
+
+
+class StandardizedConv(WeightStandardization):
+    """``nnx.Conv`` with a standardized kernel (Qiao et al. 2019); arguments as ``nnx.Conv``.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> bnjax.nnx.StandardizedConv(3, 8, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((2, 6, 6, 3))).shape
+      (2, 6, 6, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        epsilon: float = 1e-5,
+        rngs: nnx.Rngs,
+        **conv_kwargs: Any,
+    ):
+        super().__init__(nnx.Conv(in_features, out_features, kernel_size, rngs=rngs, **conv_kwargs), epsilon=epsilon)
+
+
+class CosineDense(nnx.Module):
+    """Cosine normalization (Luo et al. 2017) of a dense layer: y_j = x·w_j/(‖x‖‖w_j‖) ∈ [−1, 1].
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> bnjax.nnx.CosineDense(5, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 5))).shape
+      (2, 3)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        epsilon: float = 1e-8,
+        kernel_init: Initializer = _lecun_normal,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.epsilon = epsilon
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return weights.cosine_norm(x, self.kernel[...], eps=self.epsilon)
+
+
+class SpectralNorm(nnx.Module):
+    """Spectral normalization (Miyato et al. 2018) of a wrapped layer's ``kernel``.
+
+    Math: the layer computes with w/σ_max(w), σ_max by power iteration with state ``u``
+    (``nnx.BatchStat``, warmed up at construction). In training (``use_running_average=False``,
+    the default; named as BatchNorm's so that ``model.eval()`` freezes it) each call runs
+    ``n_steps`` iterations and stores u; in evaluation u is used as stored.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> layer = bnjax.nnx.SpectralNorm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+      >>> layer(jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+
+    def __init__(
+        self,
+        layer: nnx.Module,
+        *,
+        n_steps: int = 1,
+        feature_axis: int = -1,
+        epsilon: float = 1e-12,
+        n_warmup: int = 15,
+        use_running_average: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.layer, self.n_steps, self.feature_axis, self.epsilon = layer, n_steps, feature_axis, epsilon
+        self.use_running_average = use_running_average
+        kernel = _kernel(layer)
+        self.u = nnx.BatchStat(weights.spectral_norm_init(rngs.params(), kernel, axis=feature_axis, n_warmup=n_warmup))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        w, u = weights.spectral_norm(
+            _kernel(self.layer),
+            self.u[...],
+            n_steps=self.n_steps,
+            axis=self.feature_axis,
+            eps=self.epsilon,
+            training=not self.use_running_average,
+        )
+        if not self.use_running_average:
+            self.u[...] = u
+        return _call_with_kernel(self.layer, w, *args, **kwargs)
+
+
+__all__ = [
+    "BatchNorm",
+    "CosineDense",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "StandardizedConv",
+    "WeightNorm",
+    "WeightStandardization",
+]
