@@ -53,6 +53,21 @@ def batch_norm_train(x, scale, bias, axis=-1, eps=1e-5, mask=None):
     return y, mean.reshape(fshape), var.reshape(fshape), n.reshape(fshape)
 
 
+def mean_only_batch_norm_train(x, scale, bias, axis=-1, mask=None):
+    """y = g·(x − μ_B) + b (σ = 1); returns (y, batch_mean) with the mean in the feature shape."""
+    x = f64(x)
+    feat = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    mean, _, _ = moments(x, red, mask)
+    shape = _feature_shape(x, feat)
+    y = x - mean
+    if scale is not None:
+        y = y * f64(scale).reshape(shape)
+    if bias is not None:
+        y = y + f64(bias).reshape(shape)
+    return y, mean.reshape(tuple(x.shape[a] for a in feat))
+
+
 def batch_norm_eval(x, scale, bias, mean, var, axis=-1, eps=1e-5):
     x = f64(x)
     feat = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))

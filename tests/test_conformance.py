@@ -17,6 +17,14 @@ from tests.helpers import data, params
 SHAPE = (6, 4, 3, 8)
 P = params(8)
 S = bnjax.init_stats(8)
+W = data((8, 8), seed=7, loc=0.0, scale=1.0)[0]  # a dense kernel (in, out) for cosine norm
+U = bnjax.spectral_norm_init(jax.random.key(0), data(SHAPE)[0])
+
+
+def _per_unit(y, v):
+    """y · v along the last axis, in y's dtype (the weight-side rows use p as per-unit values)."""
+    return y * v.astype(y.dtype).reshape((1,) * (y.ndim - 1) + v.shape)
+
 
 METHODS = {
     "batch_norm_train": lambda x, p: bnjax.batch_norm(x, p, S, training=True)[0],
@@ -26,6 +34,13 @@ METHODS = {
     "instance_norm": lambda x, p: bnjax.instance_norm(x, p),
     "rms_norm": lambda x, p: bnjax.rms_norm(x, p),
     "normalize": lambda x, p: bnjax.normalize(x, jnp.float32(0.5), jnp.float32(2.0), p.scale, p.bias),
+    # σ = 1 keeps the data's scale (3): bring the output to unit scale, as the shared tolerances assume
+    "mean_only_batch_norm": lambda x, p: bnjax.mean_only_batch_norm(x / 3, p, S, training=True)[0],
+    # weight-side methods: x plays the kernel (kh, kw, in, out) = SHAPE, or the input of cosine norm
+    "weight_norm": lambda x, p: bnjax.weight_norm(x, p.scale),
+    "weight_standardize": lambda x, p: _per_unit(bnjax.weight_standardize(x), p.scale),
+    "spectral_norm": lambda x, p: _per_unit(bnjax.spectral_norm(x, U)[0], p.scale),
+    "cosine_norm": lambda x, p: _per_unit(bnjax.cosine_norm(x, W), p.scale),
 }
 ROWS = sorted(METHODS)
 

@@ -88,6 +88,17 @@ def bn(**kw):
         (lambda: bnjax.moments(X, 0, mask=jnp.ones((3, 1, 1, 1))), ValueError, r"mask has shape \(3, 1, 1, 1\)"),
         (lambda: bn(x=jnp.ones((1, 8))), ValueError, r"single element"),
         (
+            lambda: bnjax.mean_only_batch_norm(jnp.ones((1, 8)), P8, S8, training=True),
+            ValueError,
+            r"mean_only_batch_norm\(training=True\): each statistic would be taken over a single element",
+        ),
+        (lambda: bnjax.mean_only_batch_norm(X, P8, S8, training=True, momentum=1.0), ValueError, r"momentum"),
+        (
+            lambda: bnjax.mean_only_batch_norm(X, bnjax.init_params(3), S8, training=True),
+            ValueError,
+            r"params.scale has shape \(3,\)",
+        ),
+        (
             lambda: bn(x=jnp.ones((1, 1, 1, 8))),
             ValueError,
             r"batch_norm\(training=True\): each statistic would be taken over a single element",

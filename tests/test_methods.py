@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import bnjax
@@ -67,6 +69,65 @@ def test_batch_norm_feature_dependent_mask():
     close(np.asarray(y)[mask], y_ref[mask])
     np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5)
     np.testing.assert_allclose(new.var, v_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", BN_CASES[:3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mean_only_batch_norm(shape, axis, dtype, masked):
+    x, x64 = data(shape, dtype, loc=1.5, scale=0.5)
+    feat = tuple(shape[a] for a in sorted(np.atleast_1d(axis) % len(shape)))
+    mask = None
+    if masked:
+        mask = np.random.default_rng(5).random(shape[:1] + (1,) * (len(shape) - 1)) < 0.6
+        mask[0] = True
+    p = params(feat)
+    fn = jax.jit(
+        lambda x, s, training: bnjax.mean_only_batch_norm(x, p, s, training=training, axis=axis, mask=mask),
+        static_argnums=2,
+    )
+    y, new = fn(x, bnjax.init_stats(feat), True)
+    y_ref, m_ref = ref.mean_only_batch_norm_train(x64, p.scale, p.bias, axis=axis, mask=mask)
+    assert y.dtype == dtype
+    close(y, y_ref, dtype)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+    _, _, v_ref, _ = ref.batch_norm_train(x64, None, None, axis=axis, mask=mask)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)  # tracked, not used
+    # evaluation subtracts the stored mean and never divides, whatever the stored variance
+    y_eval, _ = fn(x, new._replace(var=new.var * 7.0), False)
+    shape_f = [x.shape[a] if a in np.atleast_1d(axis) % len(shape) else 1 for a in range(len(shape))]
+    expected = (x64 - np.asarray(new.mean, np.float64).reshape(shape_f)) * np.asarray(p.scale).reshape(shape_f)
+    close(y_eval, expected + np.asarray(p.bias).reshape(shape_f), dtype)
+
+
+def test_mean_only_batch_norm_sync_under_vmap_equals_the_full_batch():
+    x, x64 = data((4, 6, 5))  # 4 participants x 6 examples
+    p = params(5)
+    step = lambda x: bnjax.mean_only_batch_norm(x, p, bnjax.init_stats(5), training=True, axis_name="d")  # noqa: E731
+    y, new = jax.vmap(step, axis_name="d", out_axes=(0, None))(x)
+    y_ref, m_ref = ref.mean_only_batch_norm_train(x64.reshape(24, 5), p.scale, p.bias)
+    close(y.reshape(24, 5), y_ref)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_only_batch_norm_gradient():
+    x, _ = data((6, 5), loc=0.0, scale=1.0)
+    p = params(5)
+    fn = lambda x, scale, bias: bnjax.mean_only_batch_norm(  # noqa: E731
+        x, bnjax.NormParams(scale, bias), bnjax.init_stats(5), training=True
+    )[0]
+    check_grads(fn, (x, p.scale, p.bias), order=2, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_mean_only_batch_norm_after_weight_norm_centres_each_unit():
+    """Salimans & Kingma's pairing: WN fixes each unit's scale, mean-only BN removes its shift."""
+    x, _ = data((64, 6), loc=2.0, scale=3.0)
+    v, _ = data((6, 4), seed=2, loc=0.0, scale=0.05)
+    g = jnp.asarray([0.5, 1.0, 2.0, 4.0])
+    t = x @ bnjax.weight_norm(v, g)
+    y, _ = bnjax.mean_only_batch_norm(t, None, bnjax.init_stats(4), training=True)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), t.std(0), rtol=1e-5)  # the scale is untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -250,3 +311,63 @@ def test_no_gradient_into_running_statistics():
     grads = jax.grad(loss, allow_int=True)(bnjax.init_stats(4))
     np.testing.assert_array_equal(grads.mean, 0)
     np.testing.assert_array_equal(grads.var, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariances (BACKGROUND §5; Ba et al. 2016, Table 1): y = norm(x @ W) under rescalings of W and x,
+# and the rescalings that must change y, so that these tests can fail.
+
+_X_INV = data((16, 6), loc=0.5, scale=2.0)[0]
+_W_INV = data((6, 8), seed=3, loc=0.0, scale=1.0)[0]
+_P_INV = params(8)
+
+
+def _bn(h):
+    return bnjax.batch_norm(h, _P_INV, bnjax.init_stats(8), training=True, eps=1e-12)[0]
+
+
+def _ln(h):
+    return bnjax.layer_norm(h, _P_INV, eps=1e-12)
+
+
+_NORMS = {"batch_norm": _bn, "layer_norm": _ln}
+_INVARIANCE = settings(max_examples=20, deadline=None)
+
+
+@pytest.mark.parametrize("name", sorted(_NORMS))
+@_INVARIANCE
+@given(lam=st.floats(0.05, 20.0))
+def test_invariant_to_rescaling_the_weight_matrix_and_gradient_shrinks(name, lam):
+    norm = _NORMS[name]
+    loss = lambda w: jnp.sum(jnp.sin(norm(_X_INV @ w)))  # noqa: E731
+    np.testing.assert_allclose(norm(_X_INV @ (lam * _W_INV)), norm(_X_INV @ _W_INV), rtol=1e-4, atol=1e-4)
+    # L(λW) = L(W) for all W, so ∇L(λW) = ∇L(W)/λ: large weights learn slowly
+    np.testing.assert_allclose(jax.grad(loss)(lam * _W_INV) * lam, jax.grad(loss)(_W_INV), rtol=2e-3, atol=2e-3)
+
+
+@_INVARIANCE
+@given(seed=st.integers(0, 2**16))
+def test_batch_norm_invariant_to_per_unit_rescaling_and_recentring(seed):
+    rng = np.random.default_rng(seed)
+    lam, shift = rng.uniform(0.1, 10.0, 8), rng.uniform(-5.0, 5.0, 8)
+    h = _X_INV @ _W_INV
+    np.testing.assert_allclose(_bn(h * lam[None] + shift[None]), _bn(h), rtol=1e-4, atol=1e-4)
+
+
+@_INVARIANCE
+@given(seed=st.integers(0, 2**16))
+def test_layer_norm_invariant_to_rescaling_each_example(seed):
+    lam = np.random.default_rng(seed).uniform(0.1, 10.0, (16, 1))
+    np.testing.assert_allclose(_ln((_X_INV * lam) @ _W_INV), _ln(_X_INV @ _W_INV), rtol=1e-4, atol=1e-4)
+
+
+def test_the_invariances_are_specific():
+    """Layer norm is not invariant to rescaling one unit's weights; batch norm is not invariant to
+    rescaling one example."""
+    h = _X_INV @ _W_INV
+    lam = np.ones(8)
+    lam[2] = 3.0
+    assert np.max(np.abs(_ln(h * lam[None]) - _ln(h))) > 0.1
+    scale_one = np.ones((16, 1))
+    scale_one[0] = 3.0
+    assert np.max(np.abs(_bn((_X_INV * scale_one) @ _W_INV) - _bn(h))) > 0.1

@@ -114,6 +114,112 @@ def batch_norm(
       Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by Reducing
       Internal Covariate Shift".
     """
+    return _batch_norm(
+        x,
+        params,
+        stats,
+        training=training,
+        axis=axis,
+        momentum=momentum,
+        eps=eps,
+        axis_name=axis_name,
+        mask=mask,
+        activation=activation,
+        axis_index_groups=axis_index_groups,
+        debias=debias,
+        unbiased_running_var=unbiased_running_var,
+        mean_only=False,
+    )
+
+
+def mean_only_batch_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    stats: BatchStats,
+    *,
+    training: bool,
+    axis: Axes = -1,
+    momentum: float | None = 0.9,
+    axis_name: collective.AxisName | None = None,
+    mask: ArrayLike | None = None,
+    activation: Activation | None = None,
+    axis_index_groups: collective.Groups | None = None,
+    debias: bool = True,
+) -> tuple[jax.Array, BatchStats]:
+    """Mean-only batch normalization: subtract the batch mean, do not divide (σ = 1).
+
+    Math (per feature, over the same axes, devices and mask as ``batch_norm``):
+
+        training:   y = f( g · (x − μ_B) + b ),     stats ← running update with (μ_B, σ²_B)
+        evaluation: y = f( g · (x − stats.mean) + b )
+
+    the core h = f(g·(x − μ)/σ + b) with σ = 1. Salimans & Kingma pair it with weight
+    normalization: weight norm fixes the scale of each pre-activation through g, and centering
+    by the batch mean removes the shift without the noise a batch σ adds. The running variance
+    is tracked too (same rules as ``batch_norm``, for diagnostics) but never used; every
+    running-statistics convention, the non-finite policy and sync statistics are those of
+    ``batch_norm``.
+
+    Args:
+      x: floating array, e.g. (N, H, W, C) with ``axis=-1``.
+      params: ``NormParams`` of the feature shape (or ``None``); with weight norm, usually
+        ``init_params(C, use_scale=False)`` (g lives in the weight norm).
+      stats: ``BatchStats`` of the feature shape.
+      training: Python bool.
+      axis, momentum, axis_name, mask, activation, axis_index_groups, debias: as ``batch_norm``.
+
+    Returns:
+      ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> y, stats = bnjax.mean_only_batch_norm(x, None, bnjax.init_stats(2), training=True)
+      >>> y
+      Array([[ -1., -10.],
+             [  1.,  10.]], dtype=float32)
+
+    References:
+      Salimans & Kingma 2016, "Weight Normalization: A Simple Reparameterization to Accelerate
+      Training of Deep Neural Networks", §2.2 (mean-only batch normalization).
+    """
+    return _batch_norm(
+        x,
+        params,
+        stats,
+        training=training,
+        axis=axis,
+        momentum=momentum,
+        eps=1.0,
+        axis_name=axis_name,
+        mask=mask,
+        activation=activation,
+        axis_index_groups=axis_index_groups,
+        debias=debias,
+        unbiased_running_var=False,
+        mean_only=True,
+    )
+
+
+def _batch_norm(
+    x: ArrayLike,
+    params: NormParams | None,
+    stats: BatchStats,
+    *,
+    training: bool,
+    axis: Axes,
+    momentum: float | None,
+    eps: float,
+    axis_name: collective.AxisName | None,
+    mask: ArrayLike | None,
+    activation: Activation | None,
+    axis_index_groups: collective.Groups | None,
+    debias: bool,
+    unbiased_running_var: bool,
+    mean_only: bool,
+) -> tuple[jax.Array, BatchStats]:
+    """batch_norm and mean_only_batch_norm: validate, batch (or stored) statistics, transform, update."""
+    method = "mean_only_batch_norm" if mean_only else "batch_norm"
     if not isinstance(training, bool):
         raise TypeError(
             f"training must be a Python bool, got {type(training).__name__}: it selects the "
@@ -130,10 +236,10 @@ def batch_norm(
     mask = check_mask(mask, x)
     bshape = broadcast_shape_for(feature_shape, feat, x.ndim)
     scale, bias = _affine(params, bshape)
-    with jax.named_scope("bnjax.batch_norm"):
+    with jax.named_scope(f"bnjax.{method}"):
         if not training:
             mean = jax.lax.stop_gradient(stats.mean).reshape(bshape)
-            var = jax.lax.stop_gradient(stats.var).reshape(bshape)
+            var = None if mean_only else jax.lax.stop_gradient(stats.var).reshape(bshape)
             return apply_normalization(x, mean, var, scale, bias, eps, activation), stats
         per_feature = 1
         for a in reduce:
@@ -145,9 +251,10 @@ def batch_norm(
             else:
                 per_feature *= int(collective.group_matrix(axis_index_groups, size).sum(1).min())
         if mask is None:
-            _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", "batch_norm(training=True)")
+            _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
         batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
-        y = apply_normalization(x, (batch.shift, batch.offset), batch.var, scale, bias, eps, activation)
+        var = None if mean_only else batch.var
+        y = apply_normalization(x, (batch.shift, batch.offset), var, scale, bias, eps, activation)
         flat = Moments(*(v.reshape(feature_shape) for v in batch))
         new_stats = running.update(
             stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var

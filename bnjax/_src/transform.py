@@ -38,7 +38,7 @@ def _aligned(value: ArrayLike | None, x: jax.Array, name: str) -> jax.Array | No
 def apply_normalization(
     x: jax.Array,
     mean: jax.Array | tuple[jax.Array, jax.Array] | None,
-    var: jax.Array,
+    var: jax.Array | None,
     scale: jax.Array | None,
     bias: jax.Array | None,
     eps,
@@ -48,18 +48,18 @@ def apply_normalization(
 
     Written as (x − μ)·(g/σ) + b rather than x·a + (b − μ·a): the folded form cancels
     catastrophically when |μ| ≫ σ, while x − μ is exact for nearby values and makes a constant
-    feature give exactly b.
+    feature give exactly b. ``var=None`` means σ = 1 (mean-only batch norm; ``eps`` unused).
     """
     dtype = compute_dtype(x.dtype)
-    inv = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
+    inv = None if var is None else lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
     if scale is not None:
-        inv = inv * scale.astype(dtype)
+        inv = scale.astype(dtype) if inv is None else inv * scale.astype(dtype)
     xc = x.astype(dtype)
     if isinstance(mean, tuple):  # (shift, offset): x − μ as (x − K) − δ, exact for nearby x and K
         xc = (xc - mean[0].astype(dtype)) - mean[1].astype(dtype)
     elif mean is not None:
         xc = xc - mean.astype(dtype)
-    y = xc * inv
+    y = xc if inv is None else xc * inv
     if bias is not None:
         y = y + bias.astype(dtype)
     if activation is not None:
