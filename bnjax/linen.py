@@ -54,6 +54,7 @@ class _Normalization(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     activation: Callable[[jax.Array], jax.Array] | None = None
+    fused_backward: bool = True
 
 
 class BatchNorm(nn.Module):
@@ -91,6 +92,7 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     activation: Callable[[jax.Array], jax.Array] | None = None
+    fused_backward: bool = True
     debias: bool = False
     unbiased_running_var: bool = False
     track_updates: bool | None = None

@@ -75,8 +75,10 @@ class BatchNorm(nnx.Module):
         debias: bool = False,
         unbiased_running_var: bool = False,
         track_updates: bool | None = None,
+        fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
+        self.fused_backward = fused_backward
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance
@@ -129,8 +131,10 @@ class LayerNorm(nnx.Module):
         feature_axes: Axes = -1,
         use_fast_variance: bool = True,
         activation: Callable[[jax.Array], jax.Array] | None = None,
+        fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
+        self.fused_backward = fused_backward
         self.epsilon, self.dtype, self.activation = epsilon, dtype, activation
         self.reduction_axes, self.feature_axes, self.use_fast_variance = reduction_axes, feature_axes, use_fast_variance
         self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
@@ -164,8 +168,10 @@ class GroupNorm(nnx.Module):
         scale_init: Initializer = _ones,
         use_fast_variance: bool = True,
         activation: Callable[[jax.Array], jax.Array] | None = None,
+        fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
+        self.fused_backward = fused_backward
         self.num_groups, self.group_size, self.epsilon, self.dtype = num_groups, group_size, epsilon, dtype
         self.activation, self.use_fast_variance = activation, use_fast_variance
         shells.num_groups(self, num_features)  # validate at construction
@@ -198,8 +204,10 @@ class InstanceNorm(nnx.Module):
         scale_init: Initializer = _ones,
         use_fast_variance: bool = True,
         activation: Callable[[jax.Array], jax.Array] | None = None,
+        fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
+        self.fused_backward = fused_backward
         self.epsilon, self.dtype, self.activation, self.use_fast_variance = (
             epsilon,
             dtype,
@@ -234,8 +242,10 @@ class RMSNorm(nnx.Module):
         reduction_axes: Axes = -1,
         use_fast_variance: bool = True,
         activation: Callable[[jax.Array], jax.Array] | None = None,
+        fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
+        self.fused_backward = fused_backward
         self.epsilon, self.dtype, self.activation = epsilon, dtype, activation
         self.reduction_axes, self.use_fast_variance = reduction_axes, use_fast_variance
         self.scale, _ = _params((num_features,), rngs, use_scale, False, scale_init, _zeros, param_dtype)

@@ -3,9 +3,10 @@
 Statistics are merged across a named mapped axis (``pmap``, ``shard_map``, ``vmap(axis_name=...)``)
 by gathering every participant's sufficient statistics (count, mean, M2) and merging them with the
 same deterministic arithmetic on every participant. The gather is written as a single ``psum`` of
-a one-hot slotted buffer: one collective, a result that is replicated by construction (so
-``shard_map(check_vma=True)`` accepts it as unvarying), and one ``psum`` again in the backward pass
-(its transpose, which XLA narrows to the two per-feature sums that the gradient needs).
+a one-hot slotted buffer: one collective, and a result that is replicated by construction (so
+``shard_map(check_vma=True)`` accepts it as unvarying). The closed-form backward pass sends its
+two per-feature sums in one more collective (``group_sum``); under autodiff (``vmap`` axes,
+``fused_backward=False``) the transpose of the gather's ``psum`` is again a single ``psum``.
 
 Device groups need no collective of their own: every participant already holds every part, and
 merges only the parts of its own group.
@@ -113,3 +114,39 @@ def gather_replicated(values: jax.Array, axis_name: AxisName) -> jax.Array:
             "(the default). Pass check_vma=False to shard_map, or make the vmapped axis a mesh axis "
             "(a 2-D mesh and axis_name=(mesh_axis_1, mesh_axis_2))."
         ) from e
+
+
+def group_sum(values: jax.Array, axis_name: AxisName, axis_index_groups: Groups | None = None) -> jax.Array:
+    """Σ of ``values`` over the participants of ``axis_name`` (of this participant's group only,
+    when groups are given), as one collective: a plain ``psum``, or with groups a slotted gather
+    (``gather_replicated``) summed over the group, since ``psum``'s own groups work only under pmap.
+    """
+    if axis_index_groups is None:
+        names = _names(axis_name)
+        axis_size(names)  # a clear error for an unbound name
+        return lax.psum(values, names if len(names) > 1 else names[0])
+    parts = gather_replicated(values, axis_name)
+    include = my_group(axis_name, axis_index_groups).reshape((-1,) + (1,) * values.ndim)
+    return jnp.sum(jnp.where(include, parts, jnp.zeros((), parts.dtype)), axis=0)
+
+
+def is_manual(axis_name: AxisName, like: jax.Array) -> bool:
+    """Whether every name is a ``shard_map`` (or ``pmap``) axis that ``like`` varies over."""
+    try:
+        return set(_names(axis_name)) <= set(jax.typeof(like).vma)
+    except AttributeError:
+        return False
+
+
+def match_varying(value: jax.Array, like: jax.Array) -> jax.Array:
+    """Marks ``value`` as varying over the same ``shard_map`` axes as ``like`` (a no-op elsewhere).
+
+    A custom VJP under ``shard_map(check_vma=True)`` must return each cotangent with its primal's
+    type; the cotangent of a replicated parameter is this device's share (varying), so the
+    parameter enters varying and JAX sums the shares when it transposes this cast.
+    """
+    try:
+        missing = tuple(sorted(jax.typeof(like).vma - jax.typeof(value).vma))
+    except AttributeError:  # a JAX without varying-manual-axes types
+        return value
+    return lax.pcast(value, missing, to="varying") if missing else value

@@ -16,7 +16,7 @@ from bnjax._src import collective, running, statistics
 from bnjax._src.params import NormParams, check_params
 from bnjax._src.running import BatchStats
 from bnjax._src.statistics import Moments
-from bnjax._src.transform import Activation, apply_normalization
+from bnjax._src.transform import Activation, apply_normalization, normalize_with_statistics
 from bnjax._src.validation import (
     Axes,
     broadcast_shape_for,
@@ -31,6 +31,10 @@ from bnjax._src.validation import (
 def _affine(params: NormParams, shape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
     """Reshapes validated params to a broadcast shape against x."""
     return tuple(None if p is None else p.reshape(shape) for p in params)  # type: ignore[return-value]
+
+
+def _activate(y: jax.Array, activation: Activation | None) -> jax.Array:
+    return y if activation is None else activation(y)
 
 
 def _require_several(size: int, what: str, method: str) -> None:
@@ -57,6 +61,7 @@ def batch_norm(
     axis_index_groups: collective.Groups | None = None,
     debias: bool = True,
     unbiased_running_var: bool = False,
+    fused_backward: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
     """Batch normalization with explicit running statistics.
 
@@ -97,6 +102,10 @@ def batch_norm(
       debias: ``False`` gives the plain EMA of Flax/PyTorch (first step biased toward mean 0, var 1).
       unbiased_running_var: store the unbiased variance M₂/(n−1) in the running statistics
         (PyTorch's convention; normalization in training still uses the population variance).
+      fused_backward: differentiate in closed form with a custom VJP (default: one fused pass,
+        only x and the per-statistic μ, 1/σ kept for the backward pass, one all-reduce across
+        devices). Reverse mode of any order works; ``False`` leaves it to autodiff, which forward
+        mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs.
 
     Returns:
       ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
@@ -129,6 +138,7 @@ def batch_norm(
         debias=debias,
         unbiased_running_var=unbiased_running_var,
         mean_only=False,
+        fused_backward=fused_backward,
     )
 
 
@@ -198,6 +208,7 @@ def mean_only_batch_norm(
         debias=debias,
         unbiased_running_var=False,
         mean_only=True,
+        fused_backward=False,
     )
 
 
@@ -217,6 +228,7 @@ def _batch_norm(
     debias: bool,
     unbiased_running_var: bool,
     mean_only: bool,
+    fused_backward: bool,
 ) -> tuple[jax.Array, BatchStats]:
     """batch_norm and mean_only_batch_norm: validate, batch (or stored) statistics, transform, update."""
     method = "mean_only_batch_norm" if mean_only else "batch_norm"
@@ -252,9 +264,22 @@ def _batch_norm(
                 per_feature *= int(collective.group_matrix(axis_index_groups, size).sum(1).min())
         if mask is None:
             _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
-        batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
-        var = None if mean_only else batch.var
-        y = apply_normalization(x, (batch.shift, batch.offset), var, scale, bias, eps, activation)
+        if mean_only:  # σ = 1: autodiff of a mean subtraction is already minimal
+            batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
+            y = apply_normalization(x, (batch.shift, batch.offset), None, scale, bias, eps, activation)
+        else:
+            y, batch = normalize_with_statistics(
+                x,
+                scale,
+                bias,
+                reduce,
+                eps,
+                mask=mask,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                fused=fused_backward,
+            )
+            y = _activate(y, activation)
         flat = Moments(*(v.reshape(feature_shape) for v in batch))
         new_stats = running.update(
             stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
@@ -270,6 +295,7 @@ def layer_norm(
     eps: float = 1e-5,
     activation: Activation | None = None,
     feature_axis: Axes | None = None,
+    fused_backward: bool = True,
 ) -> jax.Array:
     """Layer normalization: statistics over the features of each example.
 
@@ -289,6 +315,7 @@ def layer_norm(
       feature_axis: the axes g and b vary over; default ``axis`` (one g per normalized element,
         PyTorch's ``elementwise_affine``). Use ``feature_axis=-1`` for per-channel g, b when
         normalizing over (H, W, C) (Flax's ``feature_axes``).
+      fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
       y, x's shape and dtype.
@@ -313,12 +340,13 @@ def layer_norm(
         size *= x.shape[a]
     _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
     with jax.named_scope("bnjax.layer_norm"):
-        m = statistics.local_moments(x, axes)
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
-        return apply_normalization(x, (m.shift, m.offset), m.var, scale, bias, eps, activation)
+        return _activate(normalize_with_statistics(x, scale, bias, axes, eps, fused=fused_backward)[0], activation)
 
 
-def _grouped(x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str) -> jax.Array:
+def _grouped(
+    x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str, fused: bool
+) -> jax.Array:
     """Group-wise normalization: split channels into groups, statistics per (example, group)."""
     channels = x.shape[axis]
     shape = x.shape[:axis] + (num_groups, channels // num_groups) + x.shape[axis + 1 :]
@@ -330,10 +358,11 @@ def _grouped(x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, 
     _require_several(
         size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1 :]}", method
     )
-    m = statistics.local_moments(xg, reduce)
     pshape = broadcast_shape_for((num_groups, channels // num_groups), (axis, axis + 1), xg.ndim)
     scale, bias = _affine(params, pshape)
-    return apply_normalization(xg, (m.shift, m.offset), m.var, scale, bias, eps, activation).reshape(x.shape)
+    return _activate(normalize_with_statistics(xg, scale, bias, reduce, eps, fused=fused)[0], activation).reshape(
+        x.shape
+    )
 
 
 def _channel_axis(x: jax.Array, axis: int, method: str) -> int:
@@ -356,6 +385,7 @@ def group_norm(
     axis: int = -1,
     eps: float = 1e-5,
     activation: Activation | None = None,
+    fused_backward: bool = True,
 ) -> jax.Array:
     """Group normalization: per example, statistics over each group of channels and all spatial axes.
 
@@ -374,6 +404,7 @@ def group_norm(
       axis: channel axis (not 0).
       eps: ε > 0.
       activation: optional f.
+      fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
       y, x's shape and dtype.
@@ -399,7 +430,7 @@ def group_norm(
         )
     params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
     with jax.named_scope("bnjax.group_norm"):
-        return _grouped(x, params, num_groups, ax, eps, activation, "group_norm")
+        return _grouped(x, params, num_groups, ax, eps, activation, "group_norm", fused_backward)
 
 
 def instance_norm(
@@ -409,6 +440,7 @@ def instance_norm(
     axis: int = -1,
     eps: float = 1e-5,
     activation: Activation | None = None,
+    fused_backward: bool = True,
 ) -> jax.Array:
     """Instance normalization: statistics over the spatial axes, per example and channel.
 
@@ -422,6 +454,7 @@ def instance_norm(
       axis: channel axis (not 0).
       eps: ε > 0.
       activation: optional f.
+      fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
       y, x's shape and dtype.
@@ -442,7 +475,7 @@ def instance_norm(
     channels = x.shape[ax]
     params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
     with jax.named_scope("bnjax.instance_norm"):
-        return _grouped(x, params, channels, ax, eps, activation, "instance_norm")
+        return _grouped(x, params, channels, ax, eps, activation, "instance_norm", fused_backward)
 
 
 def rms_norm(
@@ -452,6 +485,7 @@ def rms_norm(
     axis: Axes = -1,
     eps: float = 1e-6,
     activation: Activation | None = None,
+    fused_backward: bool = True,
 ) -> jax.Array:
     """Root-mean-square normalization: σ² = E[x²] over the features, no centering (μ = 0).
 
@@ -464,6 +498,7 @@ def rms_norm(
       axis: normalized axis or axes.
       eps: ε > 0 (default 1e-6).
       activation: optional f.
+      fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
       y, x's shape and dtype.
@@ -483,6 +518,6 @@ def rms_norm(
     feature_shape = tuple(x.shape[a] for a in axes)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
     with jax.named_scope("bnjax.rms_norm"):
-        ms = statistics.mean_square(x, axes)
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, axes, x.ndim))
-        return apply_normalization(x, None, ms, scale, bias, eps, activation)
+        y = normalize_with_statistics(x, scale, bias, axes, eps, center=False, fused=fused_backward)[0]
+        return _activate(y, activation)

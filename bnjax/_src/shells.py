@@ -51,13 +51,20 @@ def batch_norm(
         activation=cfg.activation,
         debias=cfg.debias,
         unbiased_running_var=cfg.unbiased_running_var,
+        fused_backward=cfg.fused_backward,
     )
     return _out(cfg, y), new
 
 
 def layer_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
     y = methods.layer_norm(
-        x, params, axis=cfg.reduction_axes, feature_axis=cfg.feature_axes, eps=cfg.epsilon, activation=cfg.activation
+        x,
+        params,
+        axis=cfg.reduction_axes,
+        feature_axis=cfg.feature_axes,
+        eps=cfg.epsilon,
+        activation=cfg.activation,
+        fused_backward=cfg.fused_backward,
     )
     return _out(cfg, y)
 
@@ -79,15 +86,33 @@ def num_groups(cfg: Any, channels: int) -> int:
 
 def group_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
     g = num_groups(cfg, x.shape[-1])
-    return _out(cfg, methods.group_norm(x, params, num_groups=g, eps=cfg.epsilon, activation=cfg.activation))
+    return _out(
+        cfg,
+        methods.group_norm(
+            x, params, num_groups=g, eps=cfg.epsilon, activation=cfg.activation, fused_backward=cfg.fused_backward
+        ),
+    )
 
 
 def instance_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
-    return _out(cfg, methods.instance_norm(x, params, eps=cfg.epsilon, activation=cfg.activation))
+    return _out(
+        cfg,
+        methods.instance_norm(x, params, eps=cfg.epsilon, activation=cfg.activation, fused_backward=cfg.fused_backward),
+    )
 
 
 def rms_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
-    return _out(cfg, methods.rms_norm(x, params, axis=cfg.reduction_axes, eps=cfg.epsilon, activation=cfg.activation))
+    return _out(
+        cfg,
+        methods.rms_norm(
+            x,
+            params,
+            axis=cfg.reduction_axes,
+            eps=cfg.epsilon,
+            activation=cfg.activation,
+            fused_backward=cfg.fused_backward,
+        ),
+    )
 
 
 def feature_shape(x: jax.Array, axes: Any) -> tuple[int, ...]:

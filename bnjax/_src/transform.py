@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from bnjax._src.statistics import compute_dtype
+from bnjax._src import collective, statistics
+from bnjax._src.statistics import Moments, compute_dtype
 from bnjax._src.validation import check_eps, check_floating
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -123,3 +125,113 @@ def normalize(
             eps,
             activation,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The core with statistics of x itself, and its closed-form backward pass
+
+
+def normalize_with_statistics(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    axes: tuple[int, ...],
+    eps,
+    *,
+    mask: jax.Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+    center: bool = True,
+    fused: bool = True,
+) -> tuple[jax.Array, Moments]:
+    """(y, moments): y = g·(x − μ)/√(σ² + ε) + b with μ, σ² over ``axes`` of x itself.
+
+    Operands are pre-validated and broadcast-ready (x's rank). μ, σ² are the stable statistics
+    of ``statistics.global_moments`` (``center=False``: μ = 0, σ² = E[x²], RMS norm); the
+    returned moments (keepdims) are for the running statistics and carry no gradient.
+
+    The backward pass is written in closed form (Ioffe & Szegedy 2015, §3) instead of being
+    derived by autodiff: with x̂ = (x − μ)/σ, dz = g·dy, m the mask, n the (global) count,
+
+        dx = (1/σ) · (dz − m·(Σdz + x̂·Σ dz·x̂)/n),      dg = Σ dy·x̂,      db = Σ dy
+
+    (the Σdz term drops for ``center=False``), Σdz and Σdz·x̂ over ``axes`` and, with
+    ``axis_name``, over every participant: one all-reduce of both sums together. dg and db are
+    this participant's shares (summed over the axes g does not vary over), as autodiff gives.
+    The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not stored.
+    Second-order reverse mode differentiates the backward rule; forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so ``fused=False``
+    computes the same forward pass and leaves the derivatives to autodiff.
+    """
+    if scale is not None:
+        scale = collective.match_varying(scale, x)
+    if bias is not None:
+        bias = collective.match_varying(bias, x)
+    groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    names = None if axis_name is None else (axis_name if isinstance(axis_name, str) else tuple(axis_name))
+    if names is not None and not collective.is_manual(names, x):
+        # a vmap axis (not a shard_map/pmap one): JAX traces a custom VJP's backward rule outside
+        # vmap's named axes, where the backward all-reduce cannot be written; autodiff can
+        fused = False
+    if not fused:
+        return _fused_fwd(x, scale, bias, mask, axes, eps, names, groups, center)[0]
+    return _fused(x, scale, bias, mask, axes, eps, names, groups, center)
+
+
+def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
+    if center:
+        return statistics.global_moments(x, axes, mask, axis_name, groups)
+    if mask is not None or axis_name is not None:
+        raise NotImplementedError("RMS statistics take neither a mask nor an axis_name")
+    ms = statistics.mean_square(x, axes)
+    size = 1
+    for a in axes:
+        size *= x.shape[a]
+    zero = jnp.zeros_like(ms)
+    return Moments(jnp.full_like(ms, size), zero, zero, ms * size)
+
+
+def _centered(x, m: Moments, center: bool):
+    xc = x.astype(compute_dtype(x.dtype))
+    return (xc - m.shift) - m.offset if center else xc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(x, scale, bias, mask, axes, eps, axis_name, groups, center):
+    return _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center)[0]
+
+
+def _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center):
+    m = _statistics(x, mask, axes, axis_name, groups, center)
+    mean = (m.shift, m.offset) if center else None
+    y = apply_normalization(x, mean, m.var, scale, bias, eps, None)
+    inv = lax.rsqrt(m.var + jnp.asarray(eps, m.var.dtype))
+    return (y, m), (x, scale, bias, mask, m, inv)
+
+
+def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
+    x, scale, bias, mask, m, inv = residuals
+    dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
+    dtype = inv.dtype
+    dyc = dy.astype(dtype)
+    xhat = _centered(x, m, center) * inv
+    dz = dyc if scale is None else dyc * scale.astype(dtype)
+    sums = jnp.stack([jnp.sum(dz, axis=axes, keepdims=True), jnp.sum(dz * xhat, axis=axes, keepdims=True)])
+    if axis_name is not None:
+        sums = collective.group_sum(sums, axis_name, groups)
+    sum_dz, sum_dz_xhat = sums[0], sums[1]
+    coupled = xhat * sum_dz_xhat + (sum_dz if center else 0)
+    if mask is not None:
+        coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
+    dx = inv * (dz - coupled / jnp.maximum(m.count, 1))
+
+    def param_cotangent(param, values):
+        over = tuple(a for a in range(x.ndim) if param.shape[a] == 1 and x.shape[a] != 1)
+        return jnp.sum(values, axis=over, keepdims=True).reshape(param.shape).astype(param.dtype)
+
+    dscale = None if scale is None else param_cotangent(scale, dyc * xhat)
+    dbias = None if bias is None else param_cotangent(bias, dyc)
+    return dx.astype(x.dtype), dscale, dbias, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

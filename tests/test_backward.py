@@ -1,0 +1,263 @@
+"""The closed-form backward pass (custom VJP) of every data-side method.
+
+References: autodiff of the same forward pass (``fused_backward=False``), the float64 closed form
+of ``tests/reference.py``, and numerical differences (``check_grads``). Also what it keeps for the
+backward pass (x itself, nothing else of x's size), second order, forward mode, and sync BN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import bnjax
+from tests import reference as ref
+from tests.helpers import data, params
+
+# name -> (x shape, feature shape, fn(x, params, fused_backward))
+METHODS = {
+    "batch_norm_nhwc": (
+        (8, 5, 4, 6),
+        (6,),
+        lambda x, p, fb: bnjax.batch_norm(x, p, bnjax.init_stats(6), training=True, fused_backward=fb)[0],
+    ),
+    "batch_norm_nchw": (
+        (8, 6, 5, 4),
+        (6,),
+        lambda x, p, fb: bnjax.batch_norm(x, p, bnjax.init_stats(6), training=True, axis=1, fused_backward=fb)[0],
+    ),
+    "batch_norm_2d_masked": (
+        (24, 6),
+        (6,),
+        lambda x, p, fb: bnjax.batch_norm(
+            x, p, bnjax.init_stats(6), training=True, mask=MASK_2D, fused_backward=fb, activation=jax.nn.gelu
+        )[0],
+    ),
+    "layer_norm": ((4, 7, 16), (16,), lambda x, p, fb: bnjax.layer_norm(x, p, fused_backward=fb)),
+    "layer_norm_hwc_per_channel": (
+        (4, 5, 6, 8),
+        (8,),
+        lambda x, p, fb: bnjax.layer_norm(x, p, axis=(1, 2, 3), feature_axis=-1, fused_backward=fb),
+    ),
+    "group_norm": ((3, 4, 5, 8), (8,), lambda x, p, fb: bnjax.group_norm(x, p, num_groups=4, fused_backward=fb)),
+    "group_norm_nchw": (
+        (3, 8, 4, 5),
+        (8,),
+        lambda x, p, fb: bnjax.group_norm(x, p, num_groups=2, axis=1, fused_backward=fb),
+    ),
+    "instance_norm": ((3, 4, 5, 6), (6,), lambda x, p, fb: bnjax.instance_norm(x, p, fused_backward=fb)),
+    "rms_norm": ((4, 7, 16), (16,), lambda x, p, fb: bnjax.rms_norm(x, p, fused_backward=fb)),
+}
+MASK_2D = np.random.default_rng(9).random((24, 1)) < 0.6
+MASK_2D[0] = True
+ROWS = sorted(METHODS)
+
+
+def _loss(name, fb):
+    shape, _, fn = METHODS[name]
+    ct = jnp.asarray(np.random.default_rng(2).standard_normal(shape), jnp.float32)
+    return lambda x, p: jnp.sum(fn(x, p, fb).astype(jnp.float32) * ct)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ROWS)
+def test_fused_backward_equals_autodiff(name, dtype):
+    shape, feat, _ = METHODS[name]
+    x, _ = data(shape, dtype)
+    p = params(feat)
+    fused = jax.jit(jax.grad(_loss(name, True), argnums=(0, 1)))(x, p)
+    auto = jax.jit(jax.grad(_loss(name, False), argnums=(0, 1)))(x, p)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+    for f, a in zip(jax.tree.leaves(fused), jax.tree.leaves(auto), strict=True):
+        assert f.dtype == a.dtype
+        np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(a, np.float32), **tol)
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_fused_backward_numerically_to_second_order(name):
+    shape, feat, fn = METHODS[name]
+    x, _ = data(shape, loc=0.5, scale=1.0)
+    p = params(feat)
+    fused = lambda x, g, b: fn(x, bnjax.NormParams(g, b), True)  # noqa: E731
+    check_grads(fused, (x, p.scale, p.bias), order=2, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_second_order_equals_autodiff(name):
+    """Reverse over reverse: the gradient of a gradient norm (as in gradient penalties)."""
+    shape, feat, _ = METHODS[name]
+    x, _ = data(shape)
+    p = params(feat)
+
+    def penalty(fb):
+        grad = jax.grad(_loss(name, fb))
+        return lambda x, p: jnp.sum(grad(x, p) ** 2)
+
+    fused = jax.grad(penalty(True), argnums=(0, 1))(x, p)
+    auto = jax.grad(penalty(False), argnums=(0, 1))(x, p)
+    for f, a in zip(jax.tree.leaves(fused), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(f, a, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_backward_against_the_float64_closed_form(masked):
+    x, x64 = data((16, 3, 5))
+    mask = None
+    if masked:
+        mask = np.random.default_rng(4).random((16, 1, 1)) < 0.5
+        mask[0] = True
+    p = params(5)
+    dy = np.random.default_rng(5).standard_normal(x.shape)
+    if masked:
+        dy = np.where(np.broadcast_to(mask, x.shape), dy, 0.0)  # the reference's convention
+    loss = lambda x, p: jnp.sum(  # noqa: E731
+        bnjax.batch_norm(x, p, bnjax.init_stats(5), training=True, mask=mask)[0] * jnp.asarray(dy, jnp.float32)
+    )
+    gx, gp = jax.grad(loss, argnums=(0, 1))(x, p)
+    dx, dscale, dbias = ref.batch_norm_train_vjp(x64, p.scale, dy, mask=mask)
+    np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gp.scale, dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gp.bias, dbias, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_out_elements_get_the_gradient_of_their_own_output():
+    """Masked-out outputs are still computed (from the valid elements' statistics): their own x
+    enters only through x − μ, so their dx is g/σ·dy, and their dy still moves g, b and the
+    valid elements through μ and σ."""
+    x, _ = data((12, 3))
+    mask = np.ones((12, 1), bool)
+    mask[-4:] = False
+    p = params(3)
+    ct = jnp.asarray(np.random.default_rng(6).standard_normal((12, 3)), jnp.float32)
+
+    def loss(fb):
+        def f(x, p):
+            return jnp.sum(
+                bnjax.batch_norm(x, p, bnjax.init_stats(3), training=True, mask=mask, fused_backward=fb)[0] * ct
+            )
+
+        return f
+
+    fused = jax.grad(loss(True), argnums=(0, 1))(x, p)
+    auto = jax.grad(loss(False), argnums=(0, 1))(x, p)
+    for f, a in zip(jax.tree.leaves(fused), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(f, a, rtol=1e-5, atol=1e-5)
+    _, var = bnjax.moments(x, 0, mask=mask)
+    np.testing.assert_allclose(fused[0][-4:], p.scale[None] * ct[-4:] / np.sqrt(var + 1e-5)[None], rtol=1e-5)
+
+
+def _big_residuals(fn, *args, size):
+    kept = saved_residuals(fn, *args)
+    return [(aval.dtype, why) for aval, why in kept if int(np.prod(aval.shape)) >= size and why != "from a constant"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ROWS)
+def test_only_x_is_kept_for_the_backward_pass(name, dtype):
+    """The fused backward keeps x itself (in its own dtype), and nothing else of x's size, where
+    autodiff keeps float32 intermediates of x's size."""
+    shape, feat, _ = METHODS[name]
+    x, _ = data(shape, dtype)
+    p = params(feat)
+    size = int(np.prod(shape))
+    kept = _big_residuals(_loss(name, True), x, p, size=size)
+    if name == "batch_norm_2d_masked":  # the gelu after the layer keeps its input, as it would anyway
+        kept = [k for k in kept if "argument" in k[1]]
+    if name.startswith(("group_norm", "instance_norm")):  # x reshaped to (N, ..., groups, C/G, ...): no copy
+        assert len(kept) == 1 and kept[0][0] == dtype and "reshape" in kept[0][1] and "_grouped" in kept[0][1]
+    else:
+        assert kept == [(jnp.dtype(dtype), "from the argument x")]
+    autodiff = _big_residuals(_loss(name, False), x, p, size=size)
+    assert sum(d.itemsize for d, _ in autodiff) > jnp.dtype(dtype).itemsize
+
+
+def test_forward_mode_needs_fused_backward_false():
+    x, _ = data((8, 6))
+    p = params(6)
+    stats = bnjax.init_stats(6)
+    f = lambda fb: lambda x: bnjax.batch_norm(x, p, stats, training=True, fused_backward=fb)[0]  # noqa: E731
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(f(True), (x,), (x,))
+    check_grads(f(False), (x,), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+    hessian = jax.hessian(lambda x: jnp.sum(jnp.sin(f(False)(x))))(x)
+    assert hessian.shape == (8, 6, 8, 6) and np.isfinite(hessian).all()
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 5], [1, 2, 3, 4, 6, 7]]])
+def test_sync_fused_backward_equals_autodiff_under_shard_map(groups):
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    x, _ = data((8 * 4, 5))
+    mask = np.random.default_rng(8).random((8 * 4, 1)) < 0.7
+    mask[:4] = False  # participant 0 holds no valid element
+    p = params(5)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape), jnp.float32)
+
+    def loss(fb):
+        def local(x, mask, ct, p):
+            y, _ = bnjax.batch_norm(
+                x, p, bnjax.init_stats(5), training=True, mask=mask, axis_name="d", axis_index_groups=groups,
+                fused_backward=fb,
+            )  # fmt: skip
+            return jax.lax.psum(jnp.sum(y * ct), "d")
+
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d"), P("d"), P()), out_specs=P())
+        return lambda x, p: sharded(x, mask, ct, p)
+
+    fused = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(x, p)
+    auto = jax.jit(jax.grad(loss(False), argnums=(0, 1)))(x, p)
+    for f, a in zip(jax.tree.leaves(fused), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(f, a, rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_axis_name_falls_back_to_autodiff_and_is_exact():
+    """Under vmap(axis_name=...) the backward's all-reduce cannot live in a custom VJP (JAX traces
+    it outside vmap's names), so bnjax differentiates by autodiff there; still the full batch's."""
+    x, _ = data((4, 6, 5))
+    p = params(5)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape), jnp.float32)
+
+    def vmapped(x, p):
+        f = lambda x: bnjax.batch_norm(x, p, bnjax.init_stats(5), training=True, axis_name="b")[0]  # noqa: E731
+        return jnp.sum(jax.vmap(f, axis_name="b")(x) * ct)
+
+    def full(x, p):
+        y = bnjax.batch_norm(x.reshape(24, 5), p, bnjax.init_stats(5), training=True)[0]
+        return jnp.sum(y.reshape(x.shape) * ct)
+
+    got, expected = jax.grad(vmapped, (0, 1))(x, p), jax.grad(full, (0, 1))(x, p)
+    for f, a in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(f, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flax_shells_pass_fused_backward_through(fused):
+    import flax.linen as nn
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    x, _ = data((8, 6))
+    layer = bnjax.linen.BatchNorm(use_running_average=False, fused_backward=fused)
+    variables = layer.init(jax.random.key(0), x)
+
+    def linen_out(x):
+        return layer.apply(variables, x, mutable=["batch_stats"])[0]
+
+    expected = lambda x: bnjax.batch_norm(x, bnjax.init_params(6), bnjax.init_stats(6), training=True)[0]  # noqa: E731
+    module = bnjax.nnx.LayerNorm(6, fused_backward=fused, rngs=nnx.Rngs(0))
+    assert isinstance(layer, nn.Module) and module.fused_backward is fused
+    for f, ref_f in [(linen_out, expected), (module, lambda x: bnjax.layer_norm(x, bnjax.init_params(6)))]:
+        grad = jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x))))(x)
+        np.testing.assert_allclose(grad, jax.grad(lambda x, r=ref_f: jnp.sum(jnp.sin(r(x))))(x), rtol=1e-5, atol=1e-5)
+        if fused:
+            with pytest.raises(TypeError, match="forward-mode"):
+                jax.jvp(f, (x,), (x,))
+        else:
+            jax.jvp(f, (x,), (x,))
