@@ -116,18 +116,22 @@ def gather_replicated(values: jax.Array, axis_name: AxisName) -> jax.Array:
         ) from e
 
 
-def group_sum(values: jax.Array, axis_name: AxisName, axis_index_groups: Groups | None = None) -> jax.Array:
-    """Σ of ``values`` over the participants of ``axis_name`` (of this participant's group only,
-    when groups are given), as one collective: a plain ``psum``, or with groups a slotted gather
-    (``gather_replicated``) summed over the group, since ``psum``'s own groups work only under pmap.
+def group_sum(
+    values: tuple[jax.Array, ...], axis_name: AxisName, axis_index_groups: Groups | None = None
+) -> tuple[jax.Array, ...]:
+    """Σ of each of ``values`` over the participants of ``axis_name`` (of this participant's group
+    only, when groups are given), all in one collective: a ``psum`` of the tuple (one all-reduce),
+    or with groups a slotted gather (``gather_replicated``) summed over the group, since ``psum``'s
+    own groups work only under pmap.
     """
+    names = _names(axis_name)
+    axis_size(names)  # a clear error for an unbound name
     if axis_index_groups is None:
-        names = _names(axis_name)
-        axis_size(names)  # a clear error for an unbound name
-        return lax.psum(values, names if len(names) > 1 else names[0])
-    parts = gather_replicated(values, axis_name)
-    include = my_group(axis_name, axis_index_groups).reshape((-1,) + (1,) * values.ndim)
-    return jnp.sum(jnp.where(include, parts, jnp.zeros((), parts.dtype)), axis=0)
+        return tuple(lax.psum(tuple(values), names if len(names) > 1 else names[0]))
+    parts = gather_replicated(jnp.stack(values), axis_name)
+    include = my_group(axis_name, axis_index_groups).reshape((-1,) + (1,) * (parts.ndim - 1))
+    total = jnp.sum(jnp.where(include, parts, jnp.zeros((), parts.dtype)), axis=0)
+    return tuple(total[i] for i in range(len(values)))
 
 
 def is_manual(axis_name: AxisName, like: jax.Array) -> bool:

@@ -1,18 +1,21 @@
 """μ and σ²: the statistics every data-side method uses.
 
-Numerical method (shifted sums). For each statistic, take a shift K = one valid element of x
-(the first one along the reduced axes) and accumulate d = x − K:
+Numerical method (a shifted two-pass). For each statistic, take a shift K = one valid element of
+x (the first one along the reduced axes); then
 
-    n = Σ 1,   S₁ = Σ d,   S₂ = Σ d²,   μ = K + S₁/n,   M₂ = S₂ − S₁²/n,   σ² = M₂/n,
+    pass 1:  δ = Σ(x − K)/n,                 μ = K + δ
+    pass 2:  c = fl(K + δ),  r = (K − c) + δ,  M₂ = Σ(x − c)² − n·r²,   σ² = M₂/n,
 
-with μ kept as the pair (K, S₁/n) until it is used (x − μ is applied as (x − K) − S₁/n).
+with μ kept as the pair (K, δ) until it is used (x − μ is applied as (x − K) − δ).
 
-Because K lies within a few σ of μ, the d are of order σ whatever |μ| is, so the subtraction in
-M₂ loses only a few bits (E[x²] − E[x]² loses log₂(μ²/σ²) of them), and x − K is exact when K and x
-are close (Sterbenz). A constant feature gives d = 0, hence μ = K exactly, σ² = 0, and an output of
-exactly b. It is one pass over x, fused by XLA into the two reductions.
+Because K lies within a few σ of μ, x − K is of order σ whatever |μ| is and exact when K and x are
+close (Sterbenz), so δ keeps float32 accuracy; c is μ rounded to one float, x − c is exact too, and
+r (|r| ≤ ulp(μ)/2, exact: K and c are close) removes the rounding, so M₂ has no cancellation at all
+(E[x²] − E[x]² loses log₂(μ²/σ²) bits). A constant feature gives x − K = 0, hence μ = K exactly,
+σ² = 0, and an output of exactly b. Each pass reads x once; the two passes use different shifts
+(K, c) so that XLA does not write a shared x − K (or a shared broadcast) out to memory.
 
-Across devices each participant contributes (n, K, S₁/n, M₂) and the parts are merged exactly
+Across devices each participant contributes (n, K, δ, M₂) and the parts are merged exactly
 (Chan, Golub & LeVeque 1979), relative to one participant's mean to keep the merge just as stable.
 """
 
@@ -87,11 +90,18 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = 
     else:
         d = jnp.where(mask, d, zero)
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
-    s1 = jnp.sum(d, axis=axes, keepdims=True)
-    s2 = jnp.sum(d * d, axis=axes, keepdims=True)
     safe_n = jnp.maximum(n, 1)  # n = 0 only when masked out: its statistics are defined as 0
-    offset = s1 / safe_n
-    m2 = jnp.maximum(s2 - s1 * offset, 0)
+    offset = jnp.sum(d, axis=axes, keepdims=True) / safe_n
+    # A second pass, around c = fl(K + δ), the mean rounded to one float: x − c is exact for x near
+    # c, and the rounding r = μ − c = (K − c) + δ (exact: K and c are close) is taken out again,
+    # M₂ = Σ(x − c)² − n·r², so no cancellation remains. A shift of its own (c, not K) lets each
+    # reduction read x on its own: XLA writes a broadcast that two reductions share out to memory.
+    center = k + offset
+    rounding = (k - center) + offset
+    e = x.astype(dtype) - center
+    if mask is not None:
+        e = jnp.where(mask, e, zero)
+    m2 = jnp.maximum(jnp.sum(e * e, axis=axes, keepdims=True) - n * rounding * rounding, 0)
     valid = n > 0
     return Moments(n, jnp.where(valid, k, zero), jnp.where(valid, offset, zero), m2)
 
@@ -160,7 +170,7 @@ def moments(
 
         μ = (1/n) Σᵢ xᵢ,        σ² = (1/n) Σᵢ (xᵢ − μ)²
 
-    computed by shifted sums (see the module docstring): stable in float32 for |μ| ≫ σ (relative
+    computed by a shifted two-pass method (see the module docstring): stable in float32 for |μ| ≫ σ (relative
     error of σ² at the float32 floor, ~1e-6, up to |μ|/σ = 1e5), exact for constant features, and
     in float32 for bfloat16/float16 input. With ``mask``, only elements where ``mask`` is True
     count, each statistic weighted by its own count; a statistic with no valid element is 0. With

@@ -191,11 +191,6 @@ def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
     return Moments(jnp.full_like(ms, size), zero, zero, ms * size)
 
 
-def _centered(x, m: Moments, center: bool):
-    xc = x.astype(compute_dtype(x.dtype))
-    return (xc - m.shift) - m.offset if center else xc
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _fused(x, scale, bias, mask, axes, eps, axis_name, groups, center):
     return _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center)[0]
@@ -214,23 +209,55 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
     dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
     dtype = inv.dtype
     dyc = dy.astype(dtype)
-    xhat = _centered(x, m, center) * inv
-    dz = dyc if scale is None else dyc * scale.astype(dtype)
-    sums = jnp.stack([jnp.sum(dz, axis=axes, keepdims=True), jnp.sum(dz * xhat, axis=axes, keepdims=True)])
-    if axis_name is not None:
-        sums = collective.group_sum(sums, axis_name, groups)
-    sum_dz, sum_dz_xhat = sums[0], sums[1]
-    coupled = xhat * sum_dz_xhat + (sum_dz if center else 0)
-    if mask is not None:
-        coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
-    dx = inv * (dz - coupled / jnp.maximum(m.count, 1))
+    xc = x.astype(dtype)
+    # x̂ is needed twice, in Σ d·x̂ and in dx, and each use spells x − μ its own exact way, with
+    # shifts of its own (−K, −c: x + (−K) is x − K to the bit). XLA merges equal expressions, even
+    # equal broadcasts, and then writes the shared one out to memory as a full float32 tensor
+    # instead of recomputing it inside each fused loop, a pass more per use on CPU.
+    if center:
+        c = m.shift + m.offset  # μ = c + r with c one float, as in statistics.local_moments
+        r = (m.shift - c) + m.offset
+        neg_c, neg_shift = -c, -m.shift
 
-    def param_cotangent(param, values):
-        over = tuple(a for a in range(x.ndim) if param.shape[a] == 1 and x.shape[a] != 1)
+        def sum_xhat(d):  # Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
+            return inv * (
+                jnp.sum(d * (xc + neg_c), axis=axes, keepdims=True) - r * jnp.sum(d, axis=axes, keepdims=True)
+            )
+
+        xhat = ((xc + neg_shift) - m.offset) * inv
+    else:
+
+        def sum_xhat(d):
+            return inv * jnp.sum(d * xc, axis=axes, keepdims=True)
+
+        xhat = xc * inv
+
+    def param_cotangent(param, values):  # Σ over the axes the parameter is broadcast along
+        over = tuple(a for a in range(values.ndim) if param.shape[a] == 1 and values.shape[a] != 1)
         return jnp.sum(values, axis=over, keepdims=True).reshape(param.shape).astype(param.dtype)
 
-    dscale = None if scale is None else param_cotangent(scale, dyc * xhat)
-    dbias = None if bias is None else param_cotangent(bias, dyc)
+    affine = [p for p in (scale, bias) if p is not None]
+    if all(p.shape[a] == 1 for p in affine for a in axes):
+        # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
+        # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
+        sum_d = jnp.sum(dyc, axis=axes, keepdims=True)
+        sum_d_xhat = sum_xhat(dyc)
+        dscale = None if scale is None else param_cotangent(scale, sum_d_xhat)
+        dbias = None if bias is None else param_cotangent(bias, sum_d)
+        d, gain = dyc, (inv if scale is None else inv * scale.astype(dtype))
+    else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
+        d = dyc if scale is None else dyc * scale.astype(dtype)
+        sum_d = jnp.sum(d, axis=axes, keepdims=True)
+        sum_d_xhat = sum_xhat(d)
+        dscale = None if scale is None else param_cotangent(scale, dyc * xhat)
+        dbias = None if bias is None else param_cotangent(bias, dyc)
+        gain = inv
+    if axis_name is not None:
+        sum_d, sum_d_xhat = collective.group_sum((sum_d, sum_d_xhat), axis_name, groups)
+    coupled = xhat * sum_d_xhat + (sum_d if center else 0)
+    if mask is not None:
+        coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
+    dx = gain * (d - coupled / jnp.maximum(m.count, 1))
     return dx.astype(x.dtype), dscale, dbias, None
 
 
