@@ -1,0 +1,84 @@
+"""Smoke test: the benchmark suite runs (``--quick``) under the strict test configuration.
+
+It checks the structure of ``results.json`` and ``results.md`` and that every timing is finite and
+positive; it deliberately asserts no speed ratio (timings on a shared machine are noise).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive_timings(entry):
+    assert entry["times_s"] and all(math.isfinite(t) and t > 0 for t in entry["times_s"])
+    for key in ("median_ms", "min_ms", "max_ms"):
+        assert math.isfinite(entry[key]) and entry[key] > 0
+    assert entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
+
+
+def test_bench_quick(tmp_path, capsys):
+    bench = _load("bench")
+    returned = bench.main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text()
+    assert md in capsys.readouterr().out
+    assert results["quick"] and results["errors"] == [] and returned["errors"] == []
+
+    env = results["environment"]
+    assert env["backend"] and env["cpu_model"] and env["versions"]["jax"] and env["versions"]["flax"]
+    skipped = results["skipped"]
+    assert all(isinstance(reason, str) and reason for reason in skipped.values())
+
+    micro = results["micro"]
+    assert {r["mode"] for r in micro} == set(bench.MODES)
+    assert {r["dtype"] for r in micro} == {"float32", "bfloat16"}
+    for r in micro:
+        names = set(r["contenders"])
+        expected = {"bnjax", "flax.linen", "flax.nnx", "naive jnp", "limit"}
+        expected |= {n for n in ("haiku", "equinox") if n not in skipped}
+        if r["mode"].endswith("train"):
+            expected.add("bnjax (autodiff)")
+        assert expected <= names, (r["mode"], names)
+        assert any(n.startswith("torch") for n in names) == ("torch" not in skipped)
+        for entry in r["contenders"].values():
+            _positive_timings(entry)
+            assert len(entry["times_s"]) == r["repeats"]
+        q = r["ratios"]
+        assert q["best_peer"] in bench.PEERS and q["best_peer"] in names
+        for key in ("to_best_peer", "to_limit"):
+            assert math.isfinite(q["bnjax"][key]) and q["bnjax"][key] > 0
+        assert set(r["donated"]) == {"bnjax", q["best_peer"]}
+        for entry in r["donated"].values():
+            _positive_timings(entry)
+        for name, entry in r["contenders"].items():
+            if not name.startswith("torch"):
+                assert entry["compile_s"] > 0 and entry["memory"]["output_size_in_bytes"] > 0
+
+    conv = results["convnet"]
+    rows = conv["contenders"]
+    assert {"no BN", "bnjax", "flax.linen", "flax.nnx"} <= set(rows)
+    for name, row in rows.items():
+        _positive_timings(row)
+        assert row["compile_s"] > 0 and row["memory"]["argument_size_in_bytes"] > 0
+        assert ("per_bn_layer" in row) == (name != "no BN")
+        if name != "no BN":
+            assert all(math.isfinite(v) for v in row["per_bn_layer"].values())
+
+    for title in (t for _, t in bench.MODES.values()):
+        assert f"## {title}" in md
+    assert "## ConvNet SGD train step" in md
+    assert md.count("|") > 200
