@@ -34,6 +34,21 @@ def test_variance_at_float32_floor(ratio):
     assert _rel_var_error(ratio, seed=int(ratio) % 97) <= 1e-5
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1e3, 1e4, 1e5])
+def test_row_variance_at_float32_floor(ratio):
+    """Statistics along the minor-most axes (layer norm), an outlier row included."""
+    rng = np.random.default_rng(int(ratio) % 89)
+    x = (rng.standard_normal((32, 2, 2048)) + ratio).astype(np.float32)
+    x[0, 0, 7] += 40.0  # an outlier row: a wide range, so a shift far from its mean
+    mean, var = bnjax.moments(jnp.asarray(x), (1, 2))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(var, x64.var(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(mean, x64.mean(axis=(1, 2)), rtol=1e-7, atol=1e-6)
+    y = bnjax.layer_norm(jnp.asarray(x), None, axis=(1, 2), eps=1e-12)
+    y64 = (x64 - x64.mean(axis=(1, 2), keepdims=True)) / x64.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(y, y64, atol=3e-6 if ratio < 1e5 else 2e-2)
+
+
 def test_variance_stable_with_mask_and_many_elements():
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((64, 32, 32, 4)) + 1e4).astype(np.float32)
