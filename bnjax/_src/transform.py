@@ -57,8 +57,13 @@ def apply_normalization(
     if scale is not None:
         inv = scale.astype(dtype) if inv is None else inv * scale.astype(dtype)
     xc = x.astype(dtype)
-    if isinstance(mean, tuple):  # (shift, offset): x − μ as (x − K) − δ, exact for nearby x and K
-        xc = (xc - mean[0].astype(dtype)) - mean[1].astype(dtype)
+    if isinstance(mean, tuple):  # (K, δ): μ = K + δ unrounded; x − μ at the float32 floor
+        # as (x − c) − r with c = fl(K + δ), r = (K − c) + δ (exact): x − c is exact for x near c.
+        # Not (x − K) − δ: that spelling is the statistics' first pass, and XLA would merge the two
+        # and write the shared x − K out to memory (see statistics.local_moments).
+        shift, offset = mean[0].astype(dtype), mean[1].astype(dtype)
+        center = shift + offset
+        xc = (xc - center) - ((shift - center) + offset)
     elif mean is not None:
         xc = xc - mean.astype(dtype)
     y = xc if inv is None else xc * inv
@@ -219,16 +224,20 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
         r = (m.shift - c) + m.offset
         neg_c, neg_shift = -c, -m.shift
 
-        def sum_xhat(d):  # Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
-            return inv * (
-                jnp.sum(d * (xc + neg_c), axis=axes, keepdims=True) - r * jnp.sum(d, axis=axes, keepdims=True)
-            )
+        def sums(d):  # (Σd, Σ d·(x − c)); then Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
+            return jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * (xc + neg_c), axis=axes, keepdims=True)
+
+        def finish(sum_d, raw):
+            return inv * (raw - r * sum_d)
 
         xhat = ((xc + neg_shift) - m.offset) * inv
     else:
 
-        def sum_xhat(d):
-            return inv * jnp.sum(d * xc, axis=axes, keepdims=True)
+        def sums(d):
+            return jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * xc, axis=axes, keepdims=True)
+
+        def finish(sum_d, raw):
+            return inv * raw
 
         xhat = xc * inv
 
@@ -240,20 +249,19 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
     if all(p.shape[a] == 1 for p in affine for a in axes):
         # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
         # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
-        sum_d = jnp.sum(dyc, axis=axes, keepdims=True)
-        sum_d_xhat = sum_xhat(dyc)
-        dscale = None if scale is None else param_cotangent(scale, sum_d_xhat)
+        sum_d, raw = sums(dyc)
+        dscale = None if scale is None else param_cotangent(scale, finish(sum_d, raw))
         dbias = None if bias is None else param_cotangent(bias, sum_d)
         d, gain = dyc, (inv if scale is None else inv * scale.astype(dtype))
     else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
         d = dyc if scale is None else dyc * scale.astype(dtype)
-        sum_d = jnp.sum(d, axis=axes, keepdims=True)
-        sum_d_xhat = sum_xhat(d)
+        sum_d, raw = sums(d)
         dscale = None if scale is None else param_cotangent(scale, dyc * xhat)
         dbias = None if bias is None else param_cotangent(bias, dyc)
         gain = inv
-    if axis_name is not None:
-        sum_d, sum_d_xhat = collective.group_sum((sum_d, sum_d_xhat), axis_name, groups)
+    if axis_name is not None:  # the two raw sums in one all-reduce; the rest is per feature
+        sum_d, raw = collective.group_sum((sum_d, raw), axis_name, groups)
+    sum_d_xhat = finish(sum_d, raw)
     coupled = xhat * sum_d_xhat + (sum_d if center else 0)
     if mask is not None:
         coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
