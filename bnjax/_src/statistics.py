@@ -6,7 +6,8 @@ x (the first one along the reduced axes); then
     pass 1:  δ = Σ(x − K)/n,                 μ = K + δ
     pass 2:  c = fl(K + δ),  r = (K − c) + δ,  M₂ = Σ(x − c)² − n·r²,   σ² = M₂/n,
 
-with μ kept as the pair (K, δ) until it is used (x − μ is applied as (x − K) − δ).
+with μ kept as the pair (K, δ) until it is used (x − μ is applied as (x − c) − r, see
+``rounded_mean``).
 
 Because K lies within a few σ of μ, x − K is of order σ whatever |μ| is and exact when K and x are
 close (Sterbenz), so δ keeps float32 accuracy; c is μ rounded to one float, x − c is exact too, and
@@ -55,6 +56,13 @@ class Moments(NamedTuple):
         return self.m2 / jnp.maximum(self.count, 1)
 
 
+def rounded_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """μ = K + δ as (c, r): c = fl(K + δ), the mean rounded to one float, and r = (K − c) + δ its
+    rounding (exact: K and c are close), so that x − μ = (x − c) − r at the float32 floor."""
+    center = shift + offset
+    return center, (shift - center) + offset
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """Statistics are computed in float32, or wider when x is wider."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -96,8 +104,7 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = 
     # c, and the rounding r = μ − c = (K − c) + δ (exact: K and c are close) is taken out again,
     # M₂ = Σ(x − c)² − n·r², so no cancellation remains. A shift of its own (c, not K) lets each
     # reduction read x on its own: XLA writes a broadcast that two reductions share out to memory.
-    center = k + offset
-    rounding = (k - center) + offset
+    center, rounding = rounded_mean(k, offset)
     e = x.astype(dtype) - center
     if mask is not None:
         e = jnp.where(mask, e, zero)

@@ -61,9 +61,8 @@ def apply_normalization(
         # as (x − c) − r with c = fl(K + δ), r = (K − c) + δ (exact): x − c is exact for x near c.
         # Not (x − K) − δ: that spelling is the statistics' first pass, and XLA would merge the two
         # and write the shared x − K out to memory (see statistics.local_moments).
-        shift, offset = mean[0].astype(dtype), mean[1].astype(dtype)
-        center = shift + offset
-        xc = (xc - center) - ((shift - center) + offset)
+        center, rounding = statistics.rounded_mean(mean[0].astype(dtype), mean[1].astype(dtype))
+        xc = (xc - center) - rounding
     elif mean is not None:
         xc = xc - mean.astype(dtype)
     y = xc if inv is None else xc * inv
@@ -220,8 +219,7 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
     # equal broadcasts, and then writes the shared one out to memory as a full float32 tensor
     # instead of recomputing it inside each fused loop, a pass more per use on CPU.
     if center:
-        c = m.shift + m.offset  # μ = c + r with c one float, as in statistics.local_moments
-        r = (m.shift - c) + m.offset
+        c, r = statistics.rounded_mean(m.shift, m.offset)  # μ = c + r, as in the forward pass
         neg_c, neg_shift = -c, -m.shift
 
         def sums(d):  # (Σd, Σ d·(x − c)); then Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
