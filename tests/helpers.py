@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,3 +38,15 @@ def close(actual, expected, dtype=jnp.float32, **kw):
     tol = dict(TOL[dtype])
     tol.update(kw)
     np.testing.assert_allclose(np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64), expected, **tol)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(folder: str, name: str):
+    """Imports ``<repo>/<folder>/<name>.py`` as module ``name`` (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (Flax modules) look their module up while being defined
+    spec.loader.exec_module(module)
+    return module

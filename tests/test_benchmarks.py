@@ -6,21 +6,14 @@ positive; it deliberately asserts no speed ratio (timings on a shared machine ar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.helpers import load_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", name)
 
 
 def _positive_timings(entry):

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
+
+from tests.helpers import load_script
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))  # examples import each other, as when run as scripts
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses (Flax modules) look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 def test_train_digits_learns(capsys):
