@@ -74,6 +74,40 @@ def test_constant_feature_gives_exactly_the_bias(value, dtype):
     np.testing.assert_array_equal(y_ln, jnp.broadcast_to(bias.astype(dtype), x.shape))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("which", ["max", "-max", "-1e30", "tiny", "3.3e6"])
+def test_constant_rows_are_exact_at_any_magnitude(which, dtype):
+    """Rows (layer norm): the plain mean of a constant row is rounded, and Σx overflows near the
+    largest float; the clamp of pass 1 into [min x, max x] must still give K = x exactly, so
+    σ² = 0, μ = x and an output of exactly b, with no inf − inf."""
+    big = float(jnp.finfo(dtype).max)
+    value = {"max": big, "-max": -big, "-1e30": -1e30, "tiny": 3e-38, "3.3e6": 3.3e6}[which]
+    x = jnp.full((6, 3, 97), value, dtype)  # 97: no power of two, so Σx/n is rounded
+    bias = jnp.linspace(-2.0, 3.0, 97, dtype=jnp.float32)
+    mean, var = bnjax.moments(x, axis=-1)
+    np.testing.assert_array_equal(var, 0.0)
+    np.testing.assert_array_equal(mean, jnp.asarray(value, dtype).astype(jnp.float32))
+    for fused in (True, False):
+        y = bnjax.layer_norm(x, bnjax.NormParams(jnp.full(97, 2.0), bias), fused_backward=fused)
+        np.testing.assert_array_equal(y, jnp.broadcast_to(bias.astype(dtype), x.shape))
+
+
+def test_row_moments_with_a_rounded_plain_mean_are_at_the_float32_floor():
+    """Rows whose plain mean Σx/n is far off in relative terms: huge |μ|/σ, and one row with a
+    single huge outlier (σ from one element). The corrected second pass must repair K's error."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    x[0] += 3e5  # |μ|/σ = 3e5: Σx/n is off by many ulp(σ)
+    x[1] *= 1e-17  # tiny values: σ² = 1e-34, near the smallest normal float
+    x[2, 17] = 1e18  # one element carries all of σ
+    x[3] = np.float32(1e7) + np.arange(1000, dtype=np.float32)  # integers beyond 2^23: exact data
+    mean, var = bnjax.moments(jnp.asarray(x), axis=-1)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(var, x64.var(axis=-1), rtol=2e-6)
+    scale = np.abs(x64.mean(axis=-1)) + x64.std(axis=-1)  # the mean's error is relative to |μ| + σ
+    np.testing.assert_array_less(np.abs(mean - x64.mean(axis=-1)), 2e-7 * scale)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_input_has_float32_statistics(dtype):
     x, x64 = data((64, 6), dtype, loc=50.0, scale=2.0)

@@ -1,23 +1,40 @@
 """μ and σ²: the statistics every data-side method uses.
 
-Numerical method (a shifted two-pass). For each statistic, take a shift K = one valid element of
-x (the first one along the reduced axes); then
+Two numerically equivalent methods, both two-pass, each with a shift K so that pass 2 has no
+cancellation. Which one runs depends only on the shapes, because XLA compiles the two cases so
+differently (on CPU, at least): many row reductions run inside one loop over each row, while a
+column reduction (or a row reduction over few rows) is one pass over memory per ``reduce``.
+
+Rows (the reduced axes are x's trailing axes, there is no mask, and there are enough rows: layer
+norm; see ``is_row_layout``). K is the plain mean, clamped into [min x, max x]:
+
+    pass 1:  K = clamp(Σx/n, min x, max x)
+    pass 2:  d = x − K,  δ = Σd/n,  μ = K + δ,  M₂ = Σd² − δ·Σd,  σ² = M₂/n
+
+(the corrected two-pass of Chan, Golub & LeVeque 1983). K differs from μ only by the rounding of
+Σx/n, so x − K is of order σ, δ is tiny and M₂ loses nothing to the correction δ·Σd. Pass 1
+reads x alone and pass 2 needs only pass 1's K, so XLA fuses both passes, and the normalized
+output, into one loop that reads each row once; x − μ is applied as (x − K) − δ, the very d of
+pass 2. The clamp makes K = x exactly for a constant row (d = 0, σ² = 0, output exactly b) and
+keeps K finite when Σx overflows.
+
+Columns (every other layout, masks, and few rows: batch, instance, group norm). K is one valid
+element of x (the first along the reduced axes); then
 
     pass 1:  δ = Σ(x − K)/n,                 μ = K + δ
     pass 2:  c = fl(K + δ),  r = (K − c) + δ,  M₂ = Σ(x − c)² − n·r²,   σ² = M₂/n,
 
-with μ kept as the pair (K, δ) until it is used (x − μ is applied as (x − c) − r, see
-``rounded_mean``).
+with x − μ applied as (x − c) − r (see ``rounded_mean``). K lies within a few σ of μ, so x − K is
+of order σ whatever |μ| is, δ keeps float32 accuracy, x − c is exact for x near c, and r (|r| ≤
+ulp(μ)/2, exact) removes the rounding: M₂ has no cancellation at all. A constant feature gives
+x − K = 0, hence μ = K exactly, σ² = 0. Each pass reads x once; the two passes use different shifts
+(K, c) so that XLA does not write a shared x − K (or a shared broadcast) out to memory, and here
+pass 1 takes one reduction, not three (XLA runs each column reduction as a pass of its own).
 
-Because K lies within a few σ of μ, x − K is of order σ whatever |μ| is and exact when K and x are
-close (Sterbenz), so δ keeps float32 accuracy; c is μ rounded to one float, x − c is exact too, and
-r (|r| ≤ ulp(μ)/2, exact: K and c are close) removes the rounding, so M₂ has no cancellation at all
-(E[x²] − E[x]² loses log₂(μ²/σ²) bits). A constant feature gives x − K = 0, hence μ = K exactly,
-σ² = 0, and an output of exactly b. Each pass reads x once; the two passes use different shifts
-(K, c) so that XLA does not write a shared x − K (or a shared broadcast) out to memory.
-
-Across devices each participant contributes (n, K, δ, M₂) and the parts are merged exactly
-(Chan, Golub & LeVeque 1979), relative to one participant's mean to keep the merge just as stable.
+Either way μ is kept as the pair (K, δ) until it is used, and E[x²] − E[x]² (which loses
+log₂(μ²/σ²) bits) is never formed. Across devices each participant contributes (n, K, δ, M₂) and
+the parts are merged exactly (Chan, Golub & LeVeque 1979), relative to one participant's mean to
+keep the merge just as stable.
 """
 
 from __future__ import annotations
@@ -84,12 +101,15 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
     return lax.stop_gradient(k.reshape(keep_shape))
 
 
-def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:
-    """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``."""
+def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
+    """The shifted two-pass around a data element (any axes, masks)."""
     dtype = compute_dtype(x.dtype)
     zero = jnp.zeros((), dtype)
+    # Two copies of x that XLA may not identify, one per pass: each reduction is a pass of its own,
+    # and a float32 convert of low-precision x that both shared would be written out to memory.
+    x1, x2 = lax.optimization_barrier((x, x))
     k = _shift(x, axes, mask).astype(dtype)
-    d = x.astype(dtype) - k
+    d = x1.astype(dtype) - k
     if mask is None:
         size = 1
         for a in axes:
@@ -104,13 +124,78 @@ def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = 
     # c, and the rounding r = μ − c = (K − c) + δ (exact: K and c are close) is taken out again,
     # M₂ = Σ(x − c)² − n·r², so no cancellation remains. A shift of its own (c, not K) lets each
     # reduction read x on its own: XLA writes a broadcast that two reductions share out to memory.
+    # Spelled x + (−c): the output is spelled (x − c) − r, and a shared x − c would be written out.
     center, rounding = rounded_mean(k, offset)
-    e = x.astype(dtype) - center
+    e = x2.astype(dtype) + (-center)
     if mask is not None:
         e = jnp.where(mask, e, zero)
     m2 = jnp.maximum(jnp.sum(e * e, axis=axes, keepdims=True) - n * rounding * rounding, 0)
     valid = n > 0
     return Moments(n, jnp.where(valid, k, zero), jnp.where(valid, offset, zero), m2)
+
+
+def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
+    """The corrected two-pass around the clamped plain mean (trailing axes, no mask)."""
+    dtype = compute_dtype(x.dtype)
+    xc = x.astype(dtype)
+    size = 1
+    for a in axes:
+        size *= x.shape[a]
+    n = jnp.full(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), size, dtype)
+    total = jnp.sum(xc, axis=axes, keepdims=True)
+    low = jnp.min(xc, axis=axes, keepdims=True)
+    high = jnp.max(xc, axis=axes, keepdims=True)
+    # Pass 1: the plain mean, clamped into [min x, max x], used only as the shift K of pass 2: its
+    # rounding error costs nothing there. The clamp makes K = x exactly for a constant row and keeps
+    # K finite if Σx overflows. It is written with max/min, not a select: XLA on CPU does not fuse
+    # a select into the row loop, and everything here (and the output) must stay in that one loop.
+    k = lax.stop_gradient(jnp.minimum(jnp.maximum(total / size, low), high))
+    # Pass 2 (corrected two-pass): d = x − K, δ = Σd/n, M₂ = Σd² − δ·Σd. K differs from μ only by
+    # the rounding error of Σx/n, so the correction δ·Σd is tiny: no cancellation to speak of.
+    d = xc - k
+    s1 = jnp.sum(d, axis=axes, keepdims=True)
+    s2 = jnp.sum(d * d, axis=axes, keepdims=True)
+    offset = s1 / size
+    m2 = jnp.maximum(s2 - s1 * offset, 0)
+    return Moments(n, k, offset, m2)
+
+
+ROW_LOOP_MIN_ROWS = 4096
+
+
+def is_row_layout(x_shape: tuple[int, ...], stat_shape: tuple[int, ...]) -> bool:
+    """Whether the statistics (keepdims ``stat_shape``) take the "rows" method: x is reduced over
+    its trailing axes only, as layer norm does, so that each statistic is one contiguous row, and
+    there are at least ``ROW_LOOP_MIN_ROWS`` rows. XLA on CPU (jax 0.10) fuses a chain of row
+    reductions and their consumers into one loop only from 4096 rows on (measured; Flax's layer
+    norm splits the same way below it); with fewer rows every reduction is a pass of its own, and
+    the columns method, with two reductions instead of five, reads x fewer times."""
+    reduced = [s != 1 and t == 1 for s, t in zip(x_shape, stat_shape, strict=True)]
+    if not any(reduced):
+        return False
+    first = reduced.index(True)
+    if any(t != 1 for t in stat_shape[first:]):
+        return False
+    rows = 1
+    for t in stat_shape:
+        rows *= t
+    return rows >= ROW_LOOP_MIN_ROWS
+
+
+def uses_rows(x_shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array | None) -> bool:
+    """Whether ``local_moments`` takes the rows method (see ``is_row_layout``)."""
+    return mask is None and is_row_layout(x_shape, tuple(1 if a in axes else s for a, s in enumerate(x_shape)))
+
+
+def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:
+    """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``.
+
+    Two numerically equivalent methods, chosen by shape for speed (see the module docstring):
+    rows (``uses_rows``) and columns (everything else).
+    """
+    if uses_rows(x.shape, axes, mask):
+        return _row_moments(x, axes)
+    return _column_moments(x, axes, mask)
 
 
 def merge(parts: Moments, include: jax.Array | None = None) -> Moments:

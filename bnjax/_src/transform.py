@@ -45,12 +45,16 @@ def apply_normalization(
     bias: jax.Array | None,
     eps,
     activation: Activation | None,
+    *,
+    rows: bool = False,
 ) -> jax.Array:
     """The transform on pre-validated, broadcast-ready operands (used by every method).
 
     Written as (x − μ)·(g/σ) + b rather than x·a + (b − μ·a): the folded form cancels
     catastrophically when |μ| ≫ σ, while x − μ is exact for nearby values and makes a constant
     feature give exactly b. ``var=None`` means σ = 1 (mean-only batch norm; ``eps`` unused).
+    ``rows``: ``mean`` = (K, δ) comes from the statistics' rows method, which fixes how x − μ is
+    spelled (for XLA's fusion only; both spellings are at the float32 floor).
     """
     dtype = compute_dtype(x.dtype)
     inv = None if var is None else lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
@@ -58,11 +62,17 @@ def apply_normalization(
         inv = scale.astype(dtype) if inv is None else inv * scale.astype(dtype)
     xc = x.astype(dtype)
     if isinstance(mean, tuple):  # (K, δ): μ = K + δ unrounded; x − μ at the float32 floor
-        # as (x − c) − r with c = fl(K + δ), r = (K − c) + δ (exact): x − c is exact for x near c.
-        # Not (x − K) − δ: that spelling is the statistics' first pass, and XLA would merge the two
-        # and write the shared x − K out to memory (see statistics.local_moments).
-        center, rounding = statistics.rounded_mean(mean[0].astype(dtype), mean[1].astype(dtype))
-        xc = (xc - center) - rounding
+        shift, offset = mean[0].astype(dtype), mean[1].astype(dtype)
+        if rows:
+            # rows: (x − K) − δ, the statistics' own d = x − K, so that XLA computes pass 2 and
+            # the output in one loop over each row (see statistics, "Rows")
+            xc = (xc - shift) - offset
+        else:
+            # columns: (x − c) − r with c = fl(K + δ), r = (K − c) + δ (exact): x − c is exact
+            # for x near c. Not (x − K) − δ: that is the statistics' first pass, and XLA would
+            # merge the two and write the shared x − K out to memory (see statistics, "Columns").
+            center, rounding = statistics.rounded_mean(shift, offset)
+            xc = (xc - center) - rounding
     elif mean is not None:
         xc = xc - mean.astype(dtype)
     y = xc if inv is None else xc * inv
@@ -203,7 +213,7 @@ def _fused(x, scale, bias, mask, axes, eps, axis_name, groups, center):
 def _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center):
     m = _statistics(x, mask, axes, axis_name, groups, center)
     mean = (m.shift, m.offset) if center else None
-    y = apply_normalization(x, mean, m.var, scale, bias, eps, None)
+    y = apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=statistics.uses_rows(x.shape, axes, mask))
     inv = lax.rsqrt(m.var + jnp.asarray(eps, m.var.dtype))
     return (y, m), (x, scale, bias, mask, m, inv)
 
