@@ -261,3 +261,50 @@ def test_flax_shells_pass_fused_backward_through(fused):
                 jax.jvp(f, (x,), (x,))
         else:
             jax.jvp(f, (x,), (x,))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's fusion decisions differ by backend")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("center", [True, False])
+def test_row_training_step_has_no_temporary_of_x_size(center, dtype):
+    """Layer / RMS norm: the forward pass is one loop over each row and the backward pass
+    recomputes the row statistics inside the loops for dx and dg, so a whole training step (y, dx,
+    dg, db) needs no temporary buffer of x's size. Guards the spelling in statistics and transform:
+    a shared x − K, a shared float32 convert, or statistics saved for the backward pass each make
+    XLA (on CPU) write one out to memory, as autodiff does."""
+    shape = (64, 64, 128)  # 4096 rows: statistics.ROW_LOOP_MIN_ROWS, XLA's threshold for the row loop
+    x, _ = data(shape, dtype)
+    p = params((128,))
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(shape), dtype)
+    norm = bnjax.layer_norm if center else bnjax.rms_norm
+
+    def step(x, p, ct, fused):
+        y, vjp = jax.vjp(lambda x, p: norm(x, p, fused_backward=fused), x, p)
+        return y, vjp(ct)
+
+    def temp_bytes(fused):
+        return jax.jit(step, static_argnums=3).lower(x, p, ct, fused).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) < x.size * 2  # less than one bfloat16 copy of x
+    assert temp_bytes(False) >= x.size * 4  # autodiff writes float32 intermediates of x's size
+    forward = jax.jit(lambda x, p: norm(x, p)).lower(x, p).compile().memory_analysis()
+    assert forward.temp_size_in_bytes < x.size * 2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's fusion decisions differ by backend")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_training_step_has_no_temporary_of_x_size(dtype):
+    """Batch norm (columns): every reduction is a pass of its own, and each pass (and each output)
+    reads its own copy of x and dy, so no float32 convert of bfloat16 x or dy, no x − μ and no
+    broadcast is written out (autodiff writes converts of x's size for bfloat16)."""
+    shape = (16, 16, 16, 32)
+    x, _ = data(shape, dtype)
+    p = params((32,))
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(shape), dtype)
+
+    def step(x, p, ct):
+        (y, stats), vjp = jax.vjp(lambda x, p: bnjax.batch_norm(x, p, bnjax.init_stats(32), training=True), x, p)
+        return y, stats, vjp((ct, jax.tree.map(jnp.zeros_like, stats)))
+
+    temp = jax.jit(step).lower(x, p, ct).compile().memory_analysis().temp_size_in_bytes
+    assert temp < x.size * 2  # less than one bfloat16 copy of x

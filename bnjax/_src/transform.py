@@ -172,7 +172,9 @@ def normalize_with_statistics(
     (the Σdz term drops for ``center=False``), Σdz and Σdz·x̂ over ``axes`` and, with
     ``axis_name``, over every participant: one all-reduce of both sums together. dg and db are
     this participant's shares (summed over the axes g does not vary over), as autodiff gives.
-    The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not stored.
+    The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not stored; for
+    the statistics' rows method (layer and RMS norm over many rows) only x, and the backward pass
+    recomputes μ and 1/σ too, which lets XLA keep each pass in one loop over each row.
     Second-order reverse mode differentiates the backward rule; forward mode (``jax.jvp``,
     ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so ``fused=False``
     computes the same forward pass and leaves the derivatives to autodiff.
@@ -213,64 +215,111 @@ def _fused(x, scale, bias, mask, axes, eps, axis_name, groups, center):
 def _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center):
     m = _statistics(x, mask, axes, axis_name, groups, center)
     mean = (m.shift, m.offset) if center else None
-    y = apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=statistics.uses_rows(x.shape, axes, mask))
+    rows = statistics.uses_rows(x.shape, axes, mask)
+    y = apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=rows)
+    if rows and axis_name is None:
+        return (y, m), (x, scale, bias, mask, None, None)
     inv = lax.rsqrt(m.var + jnp.asarray(eps, m.var.dtype))
     return (y, m), (x, scale, bias, mask, m, inv)
+
+
+# The backward pass recomputes the statistics from x, instead of saving them, for the statistics'
+# rows method without axis_name (layer norm, RMS norm): there XLA computes the statistics and
+# whatever uses them inside one loop over each row, provided that loop has a single output (on
+# CPU). Saving μ and 1/σ for the backward pass would give the forward pass a second output and
+# split it into passes that write x − K out to memory; this way the forward pass reads x once and
+# writes y, and each backward output (dx, dg) is again one loop that recomputes the (cheap)
+# statistics of its row.
+
+
+def _param_cotangent(param, values):
+    """Σ of ``values`` over the axes ``param`` is broadcast along, in param's shape and dtype."""
+    over = tuple(a for a in range(values.ndim) if param.shape[a] == 1 and values.shape[a] != 1)
+    return jnp.sum(values, axis=over, keepdims=True).reshape(param.shape).astype(param.dtype)
+
+
+def _row_bwd(axes, eps, center, x, scale, bias, dy):
+    """The backward pass for rows, the statistics recomputed (see above); the same formulas."""
+    dtype = compute_dtype(x.dtype)
+    # Copies of x, dy and g that XLA may not identify with each other or with the forward pass's:
+    # dx and dg each recompute the statistics inside their own loop. Shared, the statistics would
+    # be computed once, with several outputs, and split apart; a shared float32 convert of
+    # low-precision dy, or a shared broadcast of g, would be written out to memory.
+    x_dx, x_dg, dy_dx, dy_dg, dy_db, scale = lax.optimization_barrier((x, x, dy, dy, dy, scale))
+
+    def normalized(xv):  # x̂ = ((x − K) − δ)/σ, spelled as in the forward pass and statistics
+        m = _statistics(xv, None, axes, None, None, center)
+        inv = lax.rsqrt(m.var + jnp.asarray(eps, dtype))
+        xc = xv.astype(dtype)
+        return (((xc - m.shift) - m.offset) if center else xc) * inv, inv, m.count
+
+    xhat, inv, n = normalized(x_dx)
+    d = dy_dx.astype(dtype)
+    if scale is not None:
+        d = d * scale.astype(dtype)
+    sum_d_xhat = jnp.sum(d * xhat, axis=axes, keepdims=True)
+    coupled = xhat * sum_d_xhat
+    if center:
+        coupled = coupled + jnp.sum(d, axis=axes, keepdims=True)
+    dx = inv * (d - coupled / n)
+    dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * normalized(x_dg)[0])
+    dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
+    return dx.astype(x.dtype), dscale, dbias, None
 
 
 def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
     x, scale, bias, mask, m, inv = residuals
     dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
+    if m is None:
+        return _row_bwd(axes, eps, center, x, scale, bias, dy)
     dtype = inv.dtype
-    dyc = dy.astype(dtype)
-    xc = x.astype(dtype)
-    # x̂ is needed twice, in Σ d·x̂ and in dx, and each use spells x − μ its own exact way, with
-    # shifts of its own (−K, −c: x + (−K) is x − K to the bit). XLA merges equal expressions, even
-    # equal broadcasts, and then writes the shared one out to memory as a full float32 tensor
-    # instead of recomputing it inside each fused loop, a pass more per use on CPU.
     if center:
         c, r = statistics.rounded_mean(m.shift, m.offset)  # μ = c + r, as in the forward pass
-        neg_c, neg_shift = -c, -m.shift
-
-        def sums(d):  # (Σd, Σ d·(x − c)); then Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
-            return jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * (xc + neg_c), axis=axes, keepdims=True)
-
-        def finish(sum_d, raw):
-            return inv * (raw - r * sum_d)
-
-        xhat = ((xc + neg_shift) - m.offset) * inv
     else:
+        c = r = jnp.zeros((), dtype)
+    # x̂ is needed up to three times (in Σ d·x̂, in dx, in dg), and so are dy, g, μ and 1/σ. Each
+    # use gets copies of its own that XLA may not identify with the others or with the forward
+    # pass's: XLA merges equal expressions, even equal broadcasts or converts, and then writes the
+    # shared one out to memory as a full float32 tensor instead of recomputing it in each loop.
+    (x_sum, c_sum), (x_out, c_out, r_out, inv_out), (x_dg, c_dg, r_dg, inv_dg), copies = lax.optimization_barrier(
+        ((x, c), (x, c, r, inv), (x, c, r, inv), (dy, dy, dy, dy, dy, scale))
+    )
+    dy_sum, dy_raw, dy_out, dy_dg, dy_db, scale_out = copies
 
-        def sums(d):
-            return jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * xc, axis=axes, keepdims=True)
+    def normalized(xv, c, r, inv):  # x̂, spelled as the forward pass's output
+        xv = xv.astype(dtype)
+        return (((xv - c) - r) if center else xv) * inv
 
-        def finish(sum_d, raw):
-            return inv * raw
+    def sums(gain=None):  # (Σd, Σ d·(x − c)) for d = dy·gain; then Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
+        d_sum, d_raw = dy_sum.astype(dtype), dy_raw.astype(dtype)  # each reduction converts on its own
+        if gain is not None:
+            d_sum, d_raw = d_sum * gain, d_raw * gain
+        centered = x_sum.astype(dtype) - c_sum if center else x_sum.astype(dtype)
+        return jnp.sum(d_sum, axis=axes, keepdims=True), jnp.sum(d_raw * centered, axis=axes, keepdims=True)
 
-        xhat = xc * inv
-
-    def param_cotangent(param, values):  # Σ over the axes the parameter is broadcast along
-        over = tuple(a for a in range(values.ndim) if param.shape[a] == 1 and values.shape[a] != 1)
-        return jnp.sum(values, axis=over, keepdims=True).reshape(param.shape).astype(param.dtype)
+    def finish(sum_d, raw):
+        return inv * ((raw - r * sum_d) if center else raw)
 
     affine = [p for p in (scale, bias) if p is not None]
     if all(p.shape[a] == 1 for p in affine for a in axes):
         # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
         # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
-        sum_d, raw = sums(dyc)
-        dscale = None if scale is None else param_cotangent(scale, finish(sum_d, raw))
-        dbias = None if bias is None else param_cotangent(bias, sum_d)
-        d, gain = dyc, (inv if scale is None else inv * scale.astype(dtype))
+        sum_d, raw = sums()
+        dscale = None if scale is None else _param_cotangent(scale, finish(sum_d, raw))
+        dbias = None if bias is None else _param_cotangent(bias, sum_d)
+        d = dy_out.astype(dtype)
+        gain = inv_out if scale is None else inv_out * scale_out.astype(dtype)
     else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
-        d = dyc if scale is None else dyc * scale.astype(dtype)
-        sum_d, raw = sums(d)
-        dscale = None if scale is None else param_cotangent(scale, dyc * xhat)
-        dbias = None if bias is None else param_cotangent(bias, dyc)
-        gain = inv
+        sum_d, raw = sums(None if scale is None else scale.astype(dtype))
+        xhat_dg = normalized(x_dg, c_dg, r_dg, inv_dg)
+        dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * xhat_dg)
+        dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
+        d = dy_out.astype(dtype) if scale is None else dy_out.astype(dtype) * scale_out.astype(dtype)
+        gain = inv_out
     if axis_name is not None:  # the two raw sums in one all-reduce; the rest is per feature
         sum_d, raw = collective.group_sum((sum_d, raw), axis_name, groups)
     sum_d_xhat = finish(sum_d, raw)
-    coupled = xhat * sum_d_xhat + (sum_d if center else 0)
+    coupled = normalized(x_out, c_out, r_out, inv_out) * sum_d_xhat + (sum_d if center else 0)
     if mask is not None:
         coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
     dx = gain * (d - coupled / jnp.maximum(m.count, 1))
