@@ -660,6 +660,59 @@ def run_convnet(quick: bool, repeats: int, skipped: dict[str, str], errors: list
     }
 
 
+def _with_relu(apply):
+    """The layer as it sits in the ConvNet: the norm, then ReLU (its backward pass included)."""
+
+    def layer(x, params, state, training):
+        y, new_state = apply(x, params, state, training)
+        return jax.nn.relu(y), new_state
+
+    return layer
+
+
+def run_conv_layers(conv: dict[str, Any], repeats: int, skipped: dict[str, str], errors: list) -> dict[str, Any]:
+    """The ConvNet's BN layers on their own: BN → ReLU training step (vjp against a random
+    cotangent, running statistics) at each layer's activation shape, every contender of the
+    ConvNet, interleaved. The whole step's time is mostly convolutions, whose noise on a shared
+    CPU is larger than a BN layer's cost; this measures the BN layers' cost directly."""
+    batch, hw = conv["batch"], conv["input"][1]
+    shapes = []
+    for w, s in zip(conv["widths"], conv["strides"], strict=True):
+        hw = -(-hw // s)  # "SAME" padding
+        shapes.append((batch, hw, hw, w))
+    layers = []
+    for shape in shapes:
+        rng = np.random.default_rng(2)
+        x_np = rng.standard_normal(shape, dtype=np.float32)
+        ct_np = rng.standard_normal(shape, dtype=np.float32)
+        contenders: dict[str, Timed] = {}
+        for name, builder in CONV_BUILDERS.items():
+            if builder is None or name in skipped:
+                continue
+            try:
+                norm = builder("bn", shape[-1], 4, jnp.float32)
+                xs, cts = (device_array(a, jnp.float32) for a in (x_np, ct_np))
+                args = (xs, cts, norm.params, norm.state)
+                compiled, _, _ = compile_timed(train_step(_with_relu(norm.apply)), args)
+                jax.block_until_ready(compiled(*args))
+            except Exception as e:
+                errors.append({"contender": name, "workload": ["conv layer", list(shape)], "error": repr(e)})
+                print(f"  ! conv layer {name}: {e!r}", file=sys.stderr)
+                continue
+            contenders[name] = Timed(lambda compiled=compiled, args=args: compiled(*args))
+        times = round_robin(contenders, repeats)
+        layers.append({"shape": list(shape), "contenders": {n: summarize(ts) for n, ts in times.items()}})
+    names = [n for n in CONV_BUILDERS if all(n in layer["contenders"] for layer in layers)]
+    total = {n: sum(layer["contenders"][n]["median_ms"] for layer in layers) for n in names}
+    flax = total.get("flax.linen")
+    return {
+        "repeats": repeats,
+        "layers": layers,
+        "sum_of_medians_ms": total,
+        "to_flax_linen": {n: (t / flax if flax else None) for n, t in total.items()},
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Environment, Markdown, main
 
@@ -859,6 +912,27 @@ def markdown(results: dict[str, Any]) -> str:
                 f"bnjax ÷ flax.linen, per BN layer: time {_ratio(vf.get('time_ms'))}, "
                 f"temp memory {_ratio(vf.get('temp_bytes'))} (— where Flax's per-layer cost is ≤ 0).",
             ]
+        cl = cn.get("layers")
+        if cl:
+            names = list(cl["sum_of_medians_ms"])
+            lines += [
+                "",
+                f"The ConvNet's BN layers on their own (BN → ReLU training step at each layer's activation shape, "
+                f"float32, {cl['repeats']} rounds; medians in ms):",
+                "",
+                *_table(
+                    ["contender", *(_shape(layer["shape"]) for layer in cl["layers"]), "sum", "sum ÷ flax.linen"],
+                    [
+                        [
+                            n,
+                            *(_ms(layer["contenders"][n]["median_ms"]) for layer in cl["layers"]),
+                            _ms(cl["sum_of_medians_ms"][n]),
+                            _ratio(cl["to_flax_linen"][n]),
+                        ]
+                        for n in names
+                    ],
+                ),
+            ]
     if results["errors"]:
         lines += ["", "## Errors", ""] + [
             f"- {e['contender']} {e['workload']}: `{e['error']}`" for e in results["errors"]
@@ -897,6 +971,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 micro.append(run_workload(kind, shape, dtype, mode, reps, skipped, errors))
     print("[bench] convnet", file=sys.stderr, flush=True)
     conv = run_convnet(args.quick, repeats, skipped, errors)
+    print("[bench] convnet layers", file=sys.stderr, flush=True)
+    conv["layers"] = run_conv_layers(conv, repeats, skipped, errors)
     results = {
         "command": ["benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])],
         "quick": args.quick,

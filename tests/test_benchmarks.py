@@ -71,7 +71,15 @@ def test_bench_quick(tmp_path, capsys):
         if name != "no BN":
             assert all(math.isfinite(v) for v in row["per_bn_layer"].values())
 
+    layers = conv["layers"]
+    assert [layer["shape"][1:] for layer in layers["layers"]] == [[16, 16, 8], [16, 16, 8], [8, 8, 16], [4, 4, 16]]
+    for layer in layers["layers"]:
+        assert {"bnjax", "flax.linen"} <= set(layer["contenders"])
+        for entry in layer["contenders"].values():
+            _positive_timings(entry)
+    assert layers["to_flax_linen"]["flax.linen"] == 1.0 and layers["to_flax_linen"]["bnjax"] > 0
+
     for title in (t for _, t in bench.MODES.values()):
         assert f"## {title}" in md
-    assert "## ConvNet SGD train step" in md
+    assert "## ConvNet SGD train step" in md and "BN layers on their own" in md
     assert md.count("|") > 200
