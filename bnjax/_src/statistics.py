@@ -262,7 +262,7 @@ def moments(
 
         μ = (1/n) Σᵢ xᵢ,        σ² = (1/n) Σᵢ (xᵢ − μ)²
 
-    computed by a shifted two-pass method (see the module docstring): stable in float32 for |μ| ≫ σ (relative
+    computed by a two-pass method with a shift (see the module docstring): stable in float32 for |μ| ≫ σ (relative
     error of σ² at the float32 floor, ~1e-6, up to |μ|/σ = 1e5), exact for constant features, and
     in float32 for bfloat16/float16 input. With ``mask``, only elements where ``mask`` is True
     count, each statistic weighted by its own count; a statistic with no valid element is 0. With
