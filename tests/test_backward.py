@@ -53,6 +53,14 @@ METHODS = {
     ),
     "instance_norm": ((3, 4, 5, 6), (6,), lambda x, p, fb: bnjax.instance_norm(x, p, fused_backward=fb)),
     "rms_norm": ((4, 7, 16), (16,), lambda x, p, fb: bnjax.rms_norm(x, p, fused_backward=fb)),
+    # 4096 rows and more: the statistics' rows variant, whose backward pass recomputes μ and 1/σ
+    "layer_norm_rows": ((64, 64, 16), (16,), lambda x, p, fb: bnjax.layer_norm(x, p, fused_backward=fb)),
+    "layer_norm_rows_per_channel": (
+        (4096, 3, 4),
+        (4,),
+        lambda x, p, fb: bnjax.layer_norm(x, p, axis=(1, 2), feature_axis=-1, fused_backward=fb),
+    ),
+    "rms_norm_rows": ((64, 64, 16), (16,), lambda x, p, fb: bnjax.rms_norm(x, p, fused_backward=fb)),
 }
 MASK_2D = np.random.default_rng(9).random((24, 1)) < 0.6
 MASK_2D[0] = True
@@ -308,3 +316,12 @@ def test_batch_norm_training_step_has_no_temporary_of_x_size(dtype):
 
     temp = jax.jit(step).lower(x, p, ct).compile().memory_analysis().temp_size_in_bytes
     assert temp < x.size * 2  # less than one bfloat16 copy of x
+
+
+def test_rows_entries_take_the_rows_variant():
+    """The *_rows methods above exist to exercise the rows variant (and its backward pass)."""
+    from bnjax._src import statistics
+
+    for name, axes in [("layer_norm_rows", (2,)), ("layer_norm_rows_per_channel", (1, 2)), ("rms_norm_rows", (2,))]:
+        assert statistics.uses_rows(METHODS[name][0], axes, None), name
+    assert not statistics.uses_rows(METHODS["layer_norm"][0], (2,), None)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnjax
+from bnjax._src import statistics
 from tests import reference as ref
 from tests.helpers import data
 
@@ -34,11 +35,14 @@ def test_variance_at_float32_floor(ratio):
     assert _rel_var_error(ratio, seed=int(ratio) % 97) <= 1e-5
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("ratio", [0.0, 1e3, 1e4, 1e5])
-def test_row_variance_at_float32_floor(ratio):
-    """Statistics along the minor-most axes (layer norm), an outlier row included."""
+def test_row_variance_at_float32_floor(ratio, rows):
+    """Statistics along the minor-most axes (layer norm), an outlier row included; with 32 rows
+    (the columns variant) and with 4096 (the rows variant)."""
     rng = np.random.default_rng(int(ratio) % 89)
-    x = (rng.standard_normal((32, 2, 2048)) + ratio).astype(np.float32)
+    x = (rng.standard_normal((4096, 2, 128) if rows else (32, 2, 2048)) + ratio).astype(np.float32)
+    assert statistics.uses_rows(x.shape, (1, 2), None) == rows
     x[0, 0, 7] += 40.0  # an outlier row: a wide range, so a shift far from its mean
     mean, var = bnjax.moments(jnp.asarray(x), (1, 2))
     x64 = x.astype(np.float64)
@@ -76,13 +80,16 @@ def test_constant_feature_gives_exactly_the_bias(value, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("which", ["max", "-max", "-1e30", "tiny", "3.3e6"])
-def test_constant_rows_are_exact_at_any_magnitude(which, dtype):
-    """Rows (layer norm): the plain mean of a constant row is rounded, and Σx overflows near the
-    largest float; the clamp of pass 1 into [min x, max x] must still give K = x exactly, so
-    σ² = 0, μ = x and an output of exactly b, with no inf − inf."""
+@pytest.mark.parametrize("rows", [False, True])
+def test_constant_rows_are_exact_at_any_magnitude(which, dtype, rows):
+    """Layer norm, both statistics variants. Rows: the plain mean of a constant row is rounded,
+    and Σx overflows near the largest float; the clamp of pass 1 into [min x, max x] must still
+    give K = x exactly, so σ² = 0, μ = x and an output of exactly b, with no inf − inf."""
     big = float(jnp.finfo(dtype).max)
     value = {"max": big, "-max": -big, "-1e30": -1e30, "tiny": 3e-38, "3.3e6": 3.3e6}[which]
-    x = jnp.full((6, 3, 97), value, dtype)  # 97: no power of two, so Σx/n is rounded
+    shape = (64, 64, 97) if rows else (6, 3, 97)  # 97: no power of two, so Σx/n is rounded
+    assert statistics.uses_rows(shape, (2,), None) == rows
+    x = jnp.full(shape, value, dtype)
     bias = jnp.linspace(-2.0, 3.0, 97, dtype=jnp.float32)
     mean, var = bnjax.moments(x, axis=-1)
     np.testing.assert_array_equal(var, 0.0)
@@ -96,7 +103,8 @@ def test_row_moments_with_a_rounded_plain_mean_are_at_the_float32_floor():
     """Rows whose plain mean Σx/n is far off in relative terms: huge |μ|/σ, and one row with a
     single huge outlier (σ from one element). The corrected second pass must repair K's error."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    x = rng.standard_normal((4096, 1000)).astype(np.float32)
+    assert statistics.uses_rows(x.shape, (1,), None)  # the rows variant is the one under test
     x[0] += 3e5  # |μ|/σ = 3e5: Σx/n is off by many ulp(σ)
     x[1] *= 1e-17  # tiny values: σ² = 1e-34, near the smallest normal float
     x[2, 17] = 1e18  # one element carries all of σ
