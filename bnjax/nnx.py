@@ -374,6 +374,42 @@ class CosineDense(nnx.Module):
         return weights.cosine_norm(x, self.kernel[...], eps=self.epsilon)
 
 
+class CosineConv(nnx.Module):
+    """Cosine normalization of a convolution: cos θ between each input patch and each filter
+    (Luo et al. 2017); see ``bnjax.cosine_norm_conv``. NHWC input, kernel (kh, kw, in, out).
+
+    Math: y = (patch · w_j) / (‖patch‖ ‖w_j‖) ∈ [−1, 1] for every output position and filter j;
+    no bias and no scale (the paper's form).
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> bnjax.nnx.CosineConv(2, 4, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 2))).shape
+      (1, 6, 6, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: Any = "SAME",
+        epsilon: float = 1e-8,
+        kernel_init: Initializer = _lecun_normal,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.strides, self.padding, self.epsilon = strides, padding, epsilon
+        shape = (*tuple(kernel_size), in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        return weights.cosine_norm_conv(x, kernel, strides=self.strides, padding=self.padding, eps=self.epsilon)
+
+
 class SpectralNorm(nnx.Module):
     """Spectral normalization (Miyato et al. 2018) of a wrapped layer's ``kernel``.
 
@@ -422,6 +458,7 @@ class SpectralNorm(nnx.Module):
 
 __all__ = [
     "BatchNorm",
+    "CosineConv",
     "CosineDense",
     "GroupNorm",
     "InstanceNorm",

@@ -95,6 +95,13 @@ def test_nnx_standardized_conv_cosine_and_spectral_norm():
     dense = bnjax.nnx.CosineDense(6, 3, rngs=nnx.Rngs(1))
     np.testing.assert_array_equal(dense(X2), weights.cosine_norm(X2, dense.kernel[...]))
 
+    cconv = bnjax.nnx.CosineConv(X4.shape[-1], 4, (3, 3), strides=2, rngs=nnx.Rngs(4))
+    y = cconv(X4)
+    np.testing.assert_array_equal(y, weights.cosine_norm_conv(X4, cconv.kernel[...], strides=2))
+    assert y.shape == (X4.shape[0], 4, 4, 4) and float(jnp.max(jnp.abs(y))) <= 1.0
+    grads = nnx.grad(lambda m: jnp.sum(m(X4) ** 2))(cconv)
+    assert float(jnp.abs(grads.kernel[...]).sum()) > 0
+
     sn = bnjax.nnx.SpectralNorm(nnx.Linear(6, 4, rngs=nnx.Rngs(2)), rngs=nnx.Rngs(3))
     for _ in range(30):
         sn(X2)
