@@ -63,6 +63,8 @@ class BatchNorm(nn.Module):
     Math: y = f(g·(x − μ)/√(σ² + ε) + b) with batch statistics in training
     (``use_running_average=False``) and the running ones otherwise;
     running ← momentum·running + (1 − momentum)·batch (Flax's plain EMA unless ``debias=True``).
+    ``mean_only=True``: y = f(g·(x − μ) + b), mean-only batch norm (Salimans & Kingma 2016; see
+    ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
 
     Shapes: x of any rank with features on ``axis``; ``scale``, ``bias``, ``mean``, ``var`` of the
     feature shape. Output: x's shape, and x's dtype (or ``dtype``).
@@ -96,6 +98,7 @@ class BatchNorm(nn.Module):
     debias: bool = False
     unbiased_running_var: bool = False
     track_updates: bool | None = None
+    mean_only: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:

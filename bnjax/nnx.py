@@ -42,6 +42,8 @@ class BatchNorm(nnx.Module):
 
     Math: y = f(g·(x − μ)/√(σ² + ε) + b), batch statistics in training
     (``use_running_average=False``, the default) and the running ones after ``model.eval()``.
+    ``mean_only=True``: y = f(g·(x − μ) + b), mean-only batch norm (Salimans & Kingma 2016; see
+    ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
 
     Shapes: x (..., num_features) with the features on ``axis``; output x's shape and dtype.
 
@@ -76,9 +78,10 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         track_updates: bool | None = None,
         fused_backward: bool = True,
+        mean_only: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward = fused_backward
+        self.fused_backward, self.mean_only = fused_backward, mean_only
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance

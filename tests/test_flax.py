@@ -70,6 +70,38 @@ def test_nnx_batch_norm_is_the_functional_call_and_switches_with_eval():
     assert int(layer.count[...]) == 4
 
 
+def test_mean_only_batch_norm_shells_are_the_functional_call():
+    """``mean_only=True`` (linen and nnx): bnjax.mean_only_batch_norm, training and evaluation."""
+    p = bnjax.NormParams(None, jnp.linspace(-1, 1, 4))
+    stats = bnjax.init_stats(4)
+    layer = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9, mean_only=True, use_scale=False)
+    v = layer.init(jax.random.key(0), X)
+    v = {"params": {"bias": p.bias}, "batch_stats": v["batch_stats"]}
+    module = bnjax.nnx.BatchNorm(4, momentum=0.9, mean_only=True, use_scale=False, rngs=nnx.Rngs(0))
+    module.bias[...] = p.bias
+    for step in range(3):
+        x = X * (1 + step)
+        y, upd = layer.apply(v, x, mutable=["batch_stats"])
+        y_ref, stats = bnjax.mean_only_batch_norm(x, p, stats, training=True, momentum=0.9, debias=False)
+        _bitwise(y, y_ref)
+        _bitwise(module(x), y_ref)
+        v = {"params": v["params"], **upd}
+        _bitwise((v["batch_stats"]["mean"], v["batch_stats"]["var"]), (stats.mean, stats.var))
+        _bitwise((module.mean[...], module.var[...]), (stats.mean, stats.var))
+    # centred, not scaled: the batch mean is removed, the spread kept
+    np.testing.assert_allclose(
+        np.std(np.asarray(y) - np.asarray(p.bias), axis=(0, 1, 2)), np.std(np.asarray(x), axis=(0, 1, 2)), rtol=1e-5
+    )
+    y_eval = bnjax.mean_only_batch_norm(X, p, stats, training=False)[0]
+    _bitwise(layer.clone(use_running_average=True).apply(v, X), y_eval)
+    module.eval()
+    _bitwise(module(X), y_eval)
+    with pytest.raises(ValueError, match="unbiased_running_var"):
+        bnjax.linen.BatchNorm(use_running_average=False, mean_only=True, unbiased_running_var=True).init(
+            jax.random.key(0), X
+        )
+
+
 SIMPLE = {
     "LayerNorm": (dict(), lambda x, p: bnjax.layer_norm(x, p, eps=1e-6)),
     "GroupNorm": (dict(num_groups=2), lambda x, p: bnjax.group_norm(x, p, num_groups=2, eps=1e-6)),

@@ -36,23 +36,35 @@ def batch_norm(
 ) -> tuple[jax.Array, BatchStats]:
     """``initializing``: variables are being created, usually outside the transform that binds
     ``axis_name`` and with a per-device batch that may hold one example; like Flax, nothing is
-    reduced across devices or updated then, so the running statistics normalize (shapes only)."""
-    y, new = methods.batch_norm(
-        x,
-        params,
-        stats,
+    reduced across devices or updated then, so the running statistics normalize (shapes only).
+    ``cfg.mean_only``: mean-only batch norm (σ = 1; ``epsilon`` and ``fused_backward`` unused)."""
+    common: dict[str, Any] = dict(
         training=training and not initializing,
         axis=cfg.axis,
         momentum=cfg.momentum,
-        eps=cfg.epsilon,
         axis_name=cfg.axis_name,
         axis_index_groups=cfg.axis_index_groups,
         mask=mask,
         activation=cfg.activation,
         debias=cfg.debias,
-        unbiased_running_var=cfg.unbiased_running_var,
-        fused_backward=cfg.fused_backward,
     )
+    if getattr(cfg, "mean_only", False):
+        if cfg.unbiased_running_var:
+            raise ValueError(
+                "BatchNorm(mean_only=True) never uses the running variance, so unbiased_running_var=True "
+                "has no effect there: leave it False."
+            )
+        y, new = methods.mean_only_batch_norm(x, params, stats, **common)
+    else:
+        y, new = methods.batch_norm(
+            x,
+            params,
+            stats,
+            eps=cfg.epsilon,
+            unbiased_running_var=cfg.unbiased_running_var,
+            fused_backward=cfg.fused_backward,
+            **common,
+        )
     return _out(cfg, y), new
 
 
