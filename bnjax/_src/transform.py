@@ -173,8 +173,8 @@ def normalize_with_statistics(
     ``axis_name``, over every participant: one all-reduce of both sums together. dg and db are
     this participant's shares (summed over the axes g does not vary over), as autodiff gives.
     The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not stored; for
-    the statistics' rows method (layer and RMS norm over many rows) only x, and the backward pass
-    recomputes μ and 1/σ too, which lets XLA keep each pass in one loop over each row.
+    rows (``statistics.uses_rows``: layer and RMS norm over 4096 rows or more) only x, and the
+    backward pass recomputes μ and 1/σ too, which lets XLA keep each pass in one loop per row.
     Second-order reverse mode differentiates the backward rule; forward mode (``jax.jvp``,
     ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so ``fused=False``
     computes the same forward pass and leaves the derivatives to autodiff.
@@ -223,8 +223,8 @@ def _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center):
     return (y, m), (x, scale, bias, mask, m, inv)
 
 
-# The backward pass recomputes the statistics from x, instead of saving them, for the statistics'
-# rows method without axis_name (layer norm, RMS norm): there XLA computes the statistics and
+# The backward pass recomputes the statistics from x, instead of saving them, for rows
+# (statistics.uses_rows) without axis_name (layer norm, RMS norm): there XLA computes them and
 # whatever uses them inside one loop over each row, provided that loop has a single output (on
 # CPU). Saving μ and 1/σ for the backward pass would give the forward pass a second output and
 # split it into passes that write x − K out to memory; this way the forward pass reads x once and
