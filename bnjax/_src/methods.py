@@ -335,9 +335,7 @@ def layer_norm(
     check_eps(eps)
     feature_shape = tuple(x.shape[a] for a in feat)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
-    size = 1
-    for a in axes:
-        size *= x.shape[a]
+    size = statistics.reduced_size(x.shape, axes)
     _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
     with jax.named_scope("bnjax.layer_norm"):
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
@@ -352,9 +350,7 @@ def _grouped(
     shape = x.shape[:axis] + (num_groups, channels // num_groups) + x.shape[axis + 1 :]
     xg = x.reshape(shape)
     reduce = tuple(a for a in range(1, xg.ndim) if a != axis)
-    size = 1
-    for a in reduce:
-        size *= xg.shape[a]
+    size = statistics.reduced_size(xg.shape, reduce)
     _require_several(
         size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1 :]}", method
     )

@@ -48,7 +48,7 @@ def batch_norm(
         activation=cfg.activation,
         debias=cfg.debias,
     )
-    if getattr(cfg, "mean_only", False):
+    if cfg.mean_only:
         if cfg.unbiased_running_var:
             raise ValueError(
                 "BatchNorm(mean_only=True) never uses the running variance, so unbiased_running_var=True "

@@ -6,7 +6,7 @@ differently (on CPU, at least): many row reductions run inside one loop over eac
 column reduction (or a row reduction over few rows) is one pass over memory per ``reduce``.
 
 Rows (the reduced axes are x's trailing axes, there is no mask, and there are enough rows: layer
-norm; see ``is_row_layout``). K is the plain mean, clamped into [min x, max x]:
+norm; see ``uses_rows``). K is the plain mean, clamped into [min x, max x]:
 
     pass 1:  K = clamp(Σx/n, min x, max x)
     pass 2:  d = x − K,  δ = Σd/n,  μ = K + δ,  M₂ = Σd² − δ·Σd,  σ² = M₂/n
@@ -39,6 +39,7 @@ keep the merge just as stable.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,11 @@ def rounded_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Ar
     return center, (shift - center) + offset
 
 
+def reduced_size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    """The number of elements of an array of ``shape`` that each statistic over ``axes`` covers."""
+    return math.prod(shape[a] for a in axes)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """Statistics are computed in float32, or wider when x is wider."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -111,10 +117,7 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     k = _shift(x, axes, mask).astype(dtype)
     d = x1.astype(dtype) - k
     if mask is None:
-        size = 1
-        for a in axes:
-            size *= x.shape[a]
-        n = jnp.full(k.shape, size, dtype)
+        n = jnp.full(k.shape, reduced_size(x.shape, axes), dtype)
     else:
         d = jnp.where(mask, d, zero)
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
@@ -138,9 +141,7 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
     """The corrected two-pass around the clamped plain mean (trailing axes, no mask)."""
     dtype = compute_dtype(x.dtype)
     xc = x.astype(dtype)
-    size = 1
-    for a in axes:
-        size *= x.shape[a]
+    size = reduced_size(x.shape, axes)
     n = jnp.full(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), size, dtype)
     total = jnp.sum(xc, axis=axes, keepdims=True)
     low = jnp.min(xc, axis=axes, keepdims=True)
@@ -163,28 +164,20 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
 ROW_LOOP_MIN_ROWS = 4096
 
 
-def is_row_layout(x_shape: tuple[int, ...], stat_shape: tuple[int, ...]) -> bool:
-    """Whether the statistics (keepdims ``stat_shape``) take the "rows" method: x is reduced over
-    its trailing axes only, as layer norm does, so that each statistic is one contiguous row, and
-    there are at least ``ROW_LOOP_MIN_ROWS`` rows. XLA on CPU (jax 0.10) fuses a chain of row
-    reductions and their consumers into one loop only from 4096 rows on (measured; Flax's layer
-    norm splits the same way below it); with fewer rows every reduction is a pass of its own, and
-    the columns method, with two reductions instead of five, reads x fewer times."""
-    reduced = [s != 1 and t == 1 for s, t in zip(x_shape, stat_shape, strict=True)]
-    if not any(reduced):
-        return False
-    first = reduced.index(True)
-    if any(t != 1 for t in stat_shape[first:]):
-        return False
-    rows = 1
-    for t in stat_shape:
-        rows *= t
-    return rows >= ROW_LOOP_MIN_ROWS
-
-
 def uses_rows(x_shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array | None) -> bool:
-    """Whether ``local_moments`` takes the rows method (see ``is_row_layout``)."""
-    return mask is None and is_row_layout(x_shape, tuple(1 if a in axes else s for a, s in enumerate(x_shape)))
+    """Whether ``local_moments`` takes the "rows" method: no mask, x reduced over its trailing axes
+    only, as layer norm does, so that each statistic is one contiguous row, and at least
+    ``ROW_LOOP_MIN_ROWS`` rows. XLA on CPU (jax 0.10) fuses a chain of row reductions and their
+    consumers into one loop only from 4096 rows on (measured; Flax's layer norm splits the same way
+    below it); with fewer rows every reduction is a pass of its own, and the columns method, with
+    two reductions instead of five, reads x fewer times."""
+    reduced = [a for a in axes if x_shape[a] != 1]
+    if mask is not None or not reduced:
+        return False
+    kept = [a for a in range(len(x_shape)) if a not in axes]
+    if any(a > min(reduced) and x_shape[a] != 1 for a in kept):
+        return False
+    return math.prod(x_shape[a] for a in kept) >= ROW_LOOP_MIN_ROWS
 
 
 def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:

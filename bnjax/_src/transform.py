@@ -200,9 +200,7 @@ def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
     if mask is not None or axis_name is not None:
         raise NotImplementedError("RMS statistics take neither a mask nor an axis_name")
     ms = statistics.mean_square(x, axes)
-    size = 1
-    for a in axes:
-        size *= x.shape[a]
+    size = statistics.reduced_size(x.shape, axes)
     zero = jnp.zeros_like(ms)
     return Moments(jnp.full_like(ms, size), zero, zero, ms * size)
 
