@@ -255,15 +255,26 @@ def test_output_accurate_at_large_mean(loc):
 # Gradients
 
 
+GRAD_MASK = np.arange(6).reshape(6, 1, 1) % 3 != 0
+GRAD_MASK_ROWS = np.arange(6 * 3 * 4).reshape(6, 3, 4) % 5 != 1
+
 GRAD_CASES = {
     "batch_norm": lambda x, s, b: bnjax.batch_norm(x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True)[0],
-    "batch_norm_masked": lambda x, s, b: bnjax.batch_norm(
-        x,
-        bnjax.NormParams(s, b),
-        bnjax.init_stats(4),
-        training=True,
-        mask=jnp.arange(6).reshape(6, 1, 1) % 3 != 0,
-    )[0],
+    # masked: the padding's outputs are constants (no gradient), so the loss reads valid ones only
+    "batch_norm_masked": lambda x, s, b: jnp.where(
+        GRAD_MASK,
+        bnjax.batch_norm(x, bnjax.NormParams(s, b), bnjax.init_stats(4), training=True, mask=GRAD_MASK)[0],
+        0,
+    ),
+    "layer_norm_masked": lambda x, s, b: jnp.where(
+        GRAD_MASK_ROWS, bnjax.layer_norm(x, bnjax.NormParams(s, b), mask=GRAD_MASK_ROWS), 0
+    ),
+    "rms_norm_masked": lambda x, s, b: jnp.where(
+        GRAD_MASK_ROWS, bnjax.rms_norm(x, bnjax.NormParams(s, b), mask=GRAD_MASK_ROWS), 0
+    ),
+    "group_norm_masked": lambda x, s, b: jnp.where(
+        GRAD_MASK, bnjax.group_norm(x, bnjax.NormParams(s, b), num_groups=2, mask=GRAD_MASK), 0
+    ),
     "layer_norm": lambda x, s, b: bnjax.layer_norm(x, bnjax.NormParams(s, b)),
     "group_norm": lambda x, s, b: bnjax.group_norm(x, bnjax.NormParams(s, b), num_groups=2),
     "instance_norm": lambda x, s, b: bnjax.instance_norm(x, bnjax.NormParams(s, b)),

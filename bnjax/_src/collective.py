@@ -134,12 +134,40 @@ def group_sum(
     return tuple(total[i] for i in range(len(values)))
 
 
-def is_manual(axis_name: AxisName, like: jax.Array) -> bool:
-    """Whether every name is a ``shard_map`` (or ``pmap``) axis that ``like`` varies over."""
-    try:
-        return set(_names(axis_name)) <= set(jax.typeof(like).vma)
-    except AttributeError:
-        return False
+def varying_axes(like: jax.Array) -> frozenset[str]:
+    """The ``shard_map``/``pmap`` axes that ``like`` varies over (empty outside them).
+
+    JAX has spelled this two ways within bnjax's supported range: ``aval.vma`` (a frozenset) and,
+    in jax 0.10, ``aval.manual_axis_type.varying``. A JAX with neither raises here rather than
+    answering "none": a silent empty answer would switch off the fused backward pass under
+    ``shard_map`` (``tests/test_backward.py`` checks that the custom VJP runs there).
+    """
+    aval = jax.typeof(like)
+    vma = getattr(aval, "vma", None)
+    if vma is not None:
+        return frozenset(vma)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    raise RuntimeError(
+        f"bnjax cannot tell which mapped axes an array varies over with jax {jax.__version__} "
+        f"({type(aval).__name__} has neither 'vma' nor 'manual_axis_type'); please report this. "
+        "Meanwhile fused_backward=False avoids the question."
+    )
+
+
+def is_manual(axis_name: AxisName) -> bool:
+    """Whether every name is a mesh axis of an enclosing ``shard_map`` (``pmap`` is one in jax ≥
+    0.10), as opposed to a ``vmap`` axis: read off the abstract mesh, whose manual axes are
+    exactly those, whether or not ``check_vma`` is on. Raises if this JAX's mesh does not say."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = getattr(mesh, "manual_axes", None)
+    if manual is None:
+        raise RuntimeError(
+            f"bnjax cannot tell shard_map axes from vmap axes with jax {jax.__version__} (its abstract "
+            "mesh has no 'manual_axes'); please report this. Meanwhile fused_backward=False avoids the question."
+        )
+    return set(_names(axis_name)) <= set(manual)
 
 
 def match_varying(value: jax.Array, like: jax.Array) -> jax.Array:
@@ -149,8 +177,5 @@ def match_varying(value: jax.Array, like: jax.Array) -> jax.Array:
     type; the cotangent of a replicated parameter is this device's share (varying), so the
     parameter enters varying and JAX sums the shares when it transposes this cast.
     """
-    try:
-        missing = tuple(sorted(jax.typeof(like).vma - jax.typeof(value).vma))
-    except AttributeError:  # a JAX without varying-manual-axes types
-        return value
+    missing = tuple(sorted(varying_axes(like) - varying_axes(value)))
     return lax.pcast(value, missing, to="varying") if missing else value

@@ -23,6 +23,7 @@ from bnjax._src.validation import (
     canonical_axes,
     check_eps,
     check_floating,
+    check_int,
     check_mask,
     check_momentum,
 )
@@ -38,7 +39,9 @@ def _activate(y: jax.Array, activation: Activation | None) -> jax.Array:
 
 
 def _require_several(size: int, what: str, method: str) -> None:
-    if size <= 1:
+    """Raises unless each statistic covers several elements (counted statically, masks aside:
+    a mask can only lower the count). Zero elements is allowed: x is then empty, and so is y."""
+    if size == 1:
         raise ValueError(
             f"{method}: each statistic would be taken over a single element ({what}), so x − μ = 0 "
             "and the output would be the bias alone, with zero gradient. Use more elements per "
@@ -243,7 +246,7 @@ def _batch_norm(
     feature_shape = tuple(x.shape[a] for a in feat)
     params = check_params(params, feature_shape, f"the feature axis {axis!r} of x {x.shape}")
     stats = running.check_stats(stats, feature_shape)
-    check_eps(eps)
+    check_eps(eps, statistics.compute_dtype(x.dtype))
     check_momentum(momentum)
     mask = check_mask(mask, x)
     bshape = broadcast_shape_for(feature_shape, feat, x.ndim)
@@ -262,8 +265,7 @@ def _batch_norm(
                 per_feature *= size
             else:
                 per_feature *= int(collective.group_matrix(axis_index_groups, size).sum(1).min())
-        if mask is None:
-            _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
+        _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
         if mean_only:  # σ = 1: autodiff of a mean subtraction is already minimal
             batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
             y = apply_normalization(x, (batch.shift, batch.offset), None, scale, bias, eps, activation)
@@ -295,6 +297,7 @@ def layer_norm(
     eps: float = 1e-5,
     activation: Activation | None = None,
     feature_axis: Axes | None = None,
+    mask: ArrayLike | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Layer normalization: statistics over the features of each example.
@@ -315,6 +318,8 @@ def layer_norm(
       feature_axis: the axes g and b vary over; default ``axis`` (one g per normalized element,
         PyTorch's ``elementwise_affine``). Use ``feature_axis=-1`` for per-channel g, b when
         normalizing over (H, W, C) (Flax's ``feature_axes``).
+      mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid: the
+        statistics of each row are over its valid elements only (see "Masks" in the README).
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -332,33 +337,45 @@ def layer_norm(
     x = check_floating(x)
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
     feat = axes if feature_axis is None else canonical_axes(feature_axis, x.ndim, name="feature_axis", shape=x.shape)
-    check_eps(eps)
+    check_eps(eps, statistics.compute_dtype(x.dtype))
     feature_shape = tuple(x.shape[a] for a in feat)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    mask = check_mask(mask, x)
     size = statistics.reduced_size(x.shape, axes)
     _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
     with jax.named_scope("bnjax.layer_norm"):
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
-        return _activate(normalize_with_statistics(x, scale, bias, axes, eps, fused=fused_backward)[0], activation)
+        y = normalize_with_statistics(x, scale, bias, axes, eps, mask=mask, fused=fused_backward)[0]
+        return _activate(y, activation)
 
 
 def _grouped(
-    x: jax.Array, params: NormParams, num_groups: int, axis: int, eps, activation, method: str, fused: bool
+    x: jax.Array,
+    params: NormParams,
+    num_groups: int,
+    axis: int,
+    eps,
+    activation,
+    mask: jax.Array | None,
+    fused: bool,
+    what: str,
+    method: str,
 ) -> jax.Array:
-    """Group-wise normalization: split channels into groups, statistics per (example, group)."""
+    """Group-wise normalization: split channels into groups, statistics per (example, group).
+    ``what`` names the elements of one statistic in the single-element error."""
     channels = x.shape[axis]
-    shape = x.shape[:axis] + (num_groups, channels // num_groups) + x.shape[axis + 1 :]
+    split = (num_groups, channels // num_groups)
+    shape = x.shape[:axis] + split + x.shape[axis + 1 :]
     xg = x.reshape(shape)
     reduce = tuple(a for a in range(1, xg.ndim) if a != axis)
-    size = statistics.reduced_size(xg.shape, reduce)
-    _require_several(
-        size, f"{channels // num_groups} channel(s) per group × spatial {x.shape[1:axis] + x.shape[axis + 1 :]}", method
-    )
-    pshape = broadcast_shape_for((num_groups, channels // num_groups), (axis, axis + 1), xg.ndim)
+    _require_several(statistics.reduced_size(xg.shape, reduce), what, method)
+    if mask is not None:  # the mask's channel axis is split like x's (or stays broadcast)
+        mask_split = split if mask.shape[axis] == channels else (1, 1)
+        mask = mask.reshape(mask.shape[:axis] + mask_split + mask.shape[axis + 1 :])
+    pshape = broadcast_shape_for(split, (axis, axis + 1), xg.ndim)
     scale, bias = _affine(params, pshape)
-    return _activate(normalize_with_statistics(xg, scale, bias, reduce, eps, fused=fused)[0], activation).reshape(
-        x.shape
-    )
+    y = normalize_with_statistics(xg, scale, bias, reduce, eps, mask=mask, fused=fused)[0]
+    return _activate(y, activation).reshape(x.shape)
 
 
 def _channel_axis(x: jax.Array, axis: int, method: str) -> int:
@@ -381,6 +398,7 @@ def group_norm(
     axis: int = -1,
     eps: float = 1e-5,
     activation: Activation | None = None,
+    mask: ArrayLike | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Group normalization: per example, statistics over each group of channels and all spatial axes.
@@ -396,10 +414,12 @@ def group_norm(
     Args:
       x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``).
       params: ``NormParams`` of shape (C,) (or ``None``).
-      num_groups: G, a divisor of C.
+      num_groups: G, a divisor of C (an int; NumPy integers too).
       axis: channel axis (not 0).
       eps: ε > 0.
       activation: optional f.
+      mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
+        statistics over the valid elements of each (example, group) only.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -416,17 +436,19 @@ def group_norm(
     """
     x = check_floating(x)
     ax = _channel_axis(x, axis, "group_norm")
-    check_eps(eps)
+    check_eps(eps, statistics.compute_dtype(x.dtype))
     channels = x.shape[ax]
-    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
-        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
-        raise ValueError(
-            f"num_groups={num_groups!r} must be a positive divisor of the {channels} channels of x "
-            f"{x.shape} (axis={axis}); divisors: {divisors}."
-        )
+    divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+    where = f"the {channels} channels of x {x.shape} (axis={axis})"
+    num_groups = check_int(num_groups, "num_groups", 1, f": a divisor of {where}, one of {divisors}")
+    if channels % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide {where}: use one of {divisors}.")
     params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    mask = check_mask(mask, x)
+    spatial = x.shape[1:ax] + x.shape[ax + 1 :]
+    what = f"{channels // num_groups} channel(s) per group × spatial {spatial}"
     with jax.named_scope("bnjax.group_norm"):
-        return _grouped(x, params, num_groups, ax, eps, activation, "group_norm", fused_backward)
+        return _grouped(x, params, num_groups, ax, eps, activation, mask, fused_backward, what, "group_norm")
 
 
 def instance_norm(
@@ -436,6 +458,7 @@ def instance_norm(
     axis: int = -1,
     eps: float = 1e-5,
     activation: Activation | None = None,
+    mask: ArrayLike | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Instance normalization: statistics over the spatial axes, per example and channel.
@@ -450,6 +473,8 @@ def instance_norm(
       axis: channel axis (not 0).
       eps: ε > 0.
       activation: optional f.
+      mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
+        statistics over the valid spatial positions of each (example, channel) only.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -467,11 +492,13 @@ def instance_norm(
     """
     x = check_floating(x)
     ax = _channel_axis(x, axis, "instance_norm")
-    check_eps(eps)
+    check_eps(eps, statistics.compute_dtype(x.dtype))
     channels = x.shape[ax]
     params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    mask = check_mask(mask, x)
+    what = f"the spatial axes of x {x.shape} (channel axis {axis}) hold one position"
     with jax.named_scope("bnjax.instance_norm"):
-        return _grouped(x, params, channels, ax, eps, activation, "instance_norm", fused_backward)
+        return _grouped(x, params, channels, ax, eps, activation, mask, fused_backward, what, "instance_norm")
 
 
 def rms_norm(
@@ -481,6 +508,7 @@ def rms_norm(
     axis: Axes = -1,
     eps: float = 1e-6,
     activation: Activation | None = None,
+    mask: ArrayLike | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Root-mean-square normalization: σ² = E[x²] over the features, no centering (μ = 0).
@@ -494,6 +522,8 @@ def rms_norm(
       axis: normalized axis or axes.
       eps: ε > 0 (default 1e-6).
       activation: optional f.
+      mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
+        E[x²] over the valid elements of each row only.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -510,10 +540,11 @@ def rms_norm(
     """
     x = check_floating(x)
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
-    check_eps(eps)
+    check_eps(eps, statistics.compute_dtype(x.dtype))
     feature_shape = tuple(x.shape[a] for a in axes)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    mask = check_mask(mask, x)
     with jax.named_scope("bnjax.rms_norm"):
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, axes, x.ndim))
-        y = normalize_with_statistics(x, scale, bias, axes, eps, center=False, fused=fused_backward)[0]
+        y = normalize_with_statistics(x, scale, bias, axes, eps, mask=mask, center=False, fused=fused_backward)[0]
         return _activate(y, activation)

@@ -91,6 +91,14 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def count(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, dtype) -> jax.Array:
+    """The number of (valid) elements of each statistic, keepdims shape, in ``dtype``."""
+    if mask is None:
+        shape = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
+        return jnp.full(shape, reduced_size(x.shape, axes), dtype)
+    return jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
+
+
 def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
     """One valid element of x per statistic (the first along ``axes``), keepdims shape."""
     if mask is None:
@@ -115,12 +123,14 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     # and a float32 convert of low-precision x that both shared would be written out to memory.
     x1, x2 = lax.optimization_barrier((x, x))
     k = _shift(x, axes, mask).astype(dtype)
+    n = count(x, axes, mask, dtype)
+    if mask is not None:
+        # no valid element: K = 0, not x's first (masked-out, possibly NaN) element, which would
+        # otherwise reach M₂ as 0·NaN through the rounding term below
+        k = jnp.where(n > 0, k, zero)
     d = x1.astype(dtype) - k
-    if mask is None:
-        n = jnp.full(k.shape, reduced_size(x.shape, axes), dtype)
-    else:
+    if mask is not None:
         d = jnp.where(mask, d, zero)
-        n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
     safe_n = jnp.maximum(n, 1)  # n = 0 only when masked out: its statistics are defined as 0
     offset = jnp.sum(d, axis=axes, keepdims=True) / safe_n
     # A second pass, around c = fl(K + δ), the mean rounded to one float: x − c is exact for x near
@@ -180,12 +190,33 @@ def uses_rows(x_shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array |
     return math.prod(x_shape[a] for a in kept) >= ROW_LOOP_MIN_ROWS
 
 
-def local_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None) -> Moments:
+def _uncentred_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
+    """Moments about 0 (RMS norm): mean 0 and M₂ = Σx², so that M₂/n = E[x²]; they merge across
+    participants like any other moments (all shifts are 0, so the merge is a plain sum)."""
+    dtype = compute_dtype(x.dtype)
+    xc = x.astype(dtype)
+    if mask is not None:
+        xc = jnp.where(mask, xc, jnp.zeros((), dtype))
+    n = count(x, axes, mask, dtype)
+    zero = jnp.zeros(n.shape, dtype)
+    return Moments(n, zero, zero, jnp.sum(xc * xc, axis=axes, keepdims=True))
+
+
+def local_moments(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None, *, center: bool = True
+) -> Moments:
     """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``.
 
     Two numerically equivalent methods, chosen by shape for speed (see the module docstring):
-    rows (``uses_rows``) and columns (everything else).
+    rows (``uses_rows``) and columns (everything else). ``center=False``: moments about 0
+    (μ = 0, σ² = E[x²]). An empty reduction (a reduced axis of size 0) has n = 0 and moments 0.
     """
+    dtype = compute_dtype(x.dtype)
+    if reduced_size(x.shape, axes) == 0:
+        zero = jnp.zeros(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), dtype)
+        return Moments(zero, zero, zero, zero)
+    if not center:
+        return _uncentred_moments(x, axes, mask)
     if uses_rows(x.shape, axes, mask):
         return _row_moments(x, axes)
     return _column_moments(x, axes, mask)
@@ -202,8 +233,9 @@ def merge(parts: Moments, include: jax.Array | None = None) -> Moments:
     n, shift, offset, m2 = parts
     if include is not None:
         include = include.reshape(include.shape + (1,) * (n.ndim - 1))
-        n, m2 = (jnp.where(include, v, jnp.zeros((), v.dtype)) for v in (n, m2))
+        n = jnp.where(include, n, jnp.zeros((), n.dtype))
     zero = jnp.zeros((), shift.dtype)
+    m2 = jnp.where(n > 0, m2, zero)  # a part without elements adds nothing (its M₂ is never read)
     total = jnp.sum(n, axis=0, keepdims=True)
     r = jnp.argmax(n, axis=0)[None]
     shift_r = jnp.take_along_axis(shift, r, axis=0)
@@ -222,9 +254,11 @@ def global_moments(
     mask: jax.Array | None = None,
     axis_name: collective.AxisName | None = None,
     axis_index_groups: collective.Groups | None = None,
+    *,
+    center: bool = True,
 ) -> Moments:
     """Local moments, merged across ``axis_name`` (within this participant's group) when given."""
-    local = local_moments(x, axes, mask)
+    local = local_moments(x, axes, mask, center=center)
     if axis_name is None:
         if axis_index_groups is not None:
             raise ValueError("axis_index_groups needs axis_name: the groups index the participants of that axis.")
@@ -232,12 +266,6 @@ def global_moments(
     stacked = collective.gather_replicated(jnp.stack(local), axis_name)
     include = None if axis_index_groups is None else collective.my_group(axis_name, axis_index_groups)
     return merge(Moments(*(stacked[:, i] for i in range(len(local)))), include)
-
-
-def mean_square(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """E[x²] over ``axes`` (keepdims) in ``compute_dtype(x.dtype)``: the σ² of RMS norm (μ = 0)."""
-    xc = x.astype(compute_dtype(x.dtype))
-    return jnp.mean(xc * xc, axis=axes, keepdims=True)
 
 
 def moments(

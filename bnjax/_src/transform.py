@@ -162,63 +162,84 @@ def normalize_with_statistics(
 
     Operands are pre-validated and broadcast-ready (x's rank). μ, σ² are the stable statistics
     of ``statistics.global_moments`` (``center=False``: μ = 0, σ² = E[x²], RMS norm); the
-    returned moments (keepdims) are for the running statistics and carry no gradient.
+    returned moments (keepdims) are for the running statistics and carry no gradient. ``eps``
+    is an operand like any other: it may be traced (a schedule, ``vmap`` over ε) and has a
+    gradient.
+
+    Masked-out positions (``mask`` False) are padding: their outputs are computed, with the
+    statistics of the valid elements, but are constants for differentiation. No gradient flows
+    from them to anything (not to g, b, the statistics, nor their own x, whose gradient is 0),
+    so their values, NaN and inf included, cannot reach any gradient; with a loss over the valid
+    outputs only, which is what a mask is for, this is the exact gradient.
 
     The backward pass is written in closed form (Ioffe & Szegedy 2015, §3) instead of being
     derived by autodiff: with x̂ = (x − μ)/σ, dz = g·dy, m the mask, n the (global) count,
 
-        dx = (1/σ) · (dz − m·(Σdz + x̂·Σ dz·x̂)/n),      dg = Σ dy·x̂,      db = Σ dy
+        dx = (m/σ) · (dz − (Σdz + x̂·Σ dz·x̂)/n),   dg = Σ dy·x̂,   db = Σ dy,   dε = −½ Σ dz·x̂/σ²
 
-    (the Σdz term drops for ``center=False``), Σdz and Σdz·x̂ over ``axes`` and, with
-    ``axis_name``, over every participant: one all-reduce of both sums together. dg and db are
-    this participant's shares (summed over the axes g does not vary over), as autodiff gives.
-    The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not stored; for
-    rows (``statistics.uses_rows``: layer and RMS norm over 4096 rows or more) only x, and the
-    backward pass recomputes μ and 1/σ too, which lets XLA keep each pass in one loop per row.
-    Second-order reverse mode differentiates the backward rule; forward mode (``jax.jvp``,
-    ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so ``fused=False``
-    computes the same forward pass and leaves the derivatives to autodiff.
+    (the Σdz term drops for ``center=False``), every Σ over the valid elements of ``axes`` and,
+    with ``axis_name``, over every participant: one all-reduce of both sums together. dg, db and
+    dε are this participant's shares (summed over the axes g does not vary over), as autodiff
+    gives. The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not
+    stored; for rows (``statistics.uses_rows``: layer and RMS norm over 4096 rows or more) only
+    x, and the backward pass recomputes μ and 1/σ too, which lets XLA keep each pass in one loop
+    per row. Second-order reverse mode differentiates the backward rule; forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so
+    ``fused=False`` computes the same forward pass and leaves the derivatives to autodiff.
     """
-    if scale is not None:
-        scale = collective.match_varying(scale, x)
-    if bias is not None:
-        bias = collective.match_varying(bias, x)
+    eps = jnp.asarray(eps, compute_dtype(x.dtype))
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     names = None if axis_name is None else (axis_name if isinstance(axis_name, str) else tuple(axis_name))
-    if names is not None and not collective.is_manual(names, x):
+    if names is not None and not collective.is_manual(names):
         # a vmap axis (not a shard_map/pmap one): JAX traces a custom VJP's backward rule outside
         # vmap's named axes, where the backward all-reduce cannot be written; autodiff can
         fused = False
     if not fused:
-        return _fused_fwd(x, scale, bias, mask, axes, eps, names, groups, center)[0]
-    return _fused(x, scale, bias, mask, axes, eps, names, groups, center)
+        return _forward(x, scale, bias, mask, eps, axes, names, groups, center, autodiff=True)[0]
+    # under shard_map(check_vma=True) a custom VJP returns each cotangent with its primal's type;
+    # the cotangents of replicated operands are this participant's shares (varying), so the
+    # operands enter varying and JAX sums the shares when it transposes the cast
+    scale, bias, eps = (None if v is None else collective.match_varying(v, x) for v in (scale, bias, eps))
+    return _fused(x, scale, bias, mask, eps, axes, names, groups, center)
 
 
 def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
-    if center:
-        return statistics.global_moments(x, axes, mask, axis_name, groups)
-    if mask is not None or axis_name is not None:
-        raise NotImplementedError("RMS statistics take neither a mask nor an axis_name")
-    ms = statistics.mean_square(x, axes)
-    size = statistics.reduced_size(x.shape, axes)
-    zero = jnp.zeros_like(ms)
-    return Moments(jnp.full_like(ms, size), zero, zero, ms * size)
+    return statistics.global_moments(x, axes, mask, axis_name, groups, center=center)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(x, scale, bias, mask, axes, eps, axis_name, groups, center):
-    return _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center)[0]
-
-
-def _fused_fwd(x, scale, bias, mask, axes, eps, axis_name, groups, center):
-    m = _statistics(x, mask, axes, axis_name, groups, center)
+def _output(x, m: Moments, scale, bias, eps, center, rows):
     mean = (m.shift, m.offset) if center else None
+    return apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=rows)
+
+
+def _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center, autodiff=False):
+    """The forward pass: ((y, moments), residuals). ``autodiff``: the output is differentiated
+    by JAX, so masked-out positions are made constants here (the custom VJP's backward pass
+    does the same in closed form)."""
+    m = _statistics(x, mask, axes, axis_name, groups, center)
     rows = statistics.uses_rows(x.shape, axes, mask)
-    y = apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=rows)
+    if autodiff and mask is not None:
+        # Two selects, so that no masked-out value meets a gradient: the valid branch reads 0
+        # where x is masked out (a NaN there would give 0·NaN in its backward pass), and the
+        # masked-out branch carries no gradient at all.
+        valid = _output(jnp.where(mask, x, jnp.zeros((), x.dtype)), m, scale, bias, eps, center, rows)
+        padding = lax.stop_gradient(_output(x, m, scale, bias, eps, center, rows))
+        y = jnp.where(mask, valid, padding)
+    else:
+        y = _output(x, m, scale, bias, eps, center, rows)
     if rows and axis_name is None:
-        return (y, m), (x, scale, bias, mask, None, None)
-    inv = lax.rsqrt(m.var + jnp.asarray(eps, m.var.dtype))
-    return (y, m), (x, scale, bias, mask, m, inv)
+        return (y, m), (x, scale, bias, mask, eps, None, None)
+    inv = lax.rsqrt(m.var + eps)
+    return (y, m), (x, scale, bias, mask, eps, m, inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fused(x, scale, bias, mask, eps, axes, axis_name, groups, center):
+    return _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center)[0]
+
+
+def _fused_fwd(x, scale, bias, mask, eps, axes, axis_name, groups, center):
+    return _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center)
 
 
 # The backward pass recomputes the statistics from x, instead of saving them, for rows
@@ -236,7 +257,12 @@ def _param_cotangent(param, values):
     return jnp.sum(values, axis=over, keepdims=True).reshape(param.shape).astype(param.dtype)
 
 
-def _row_bwd(axes, eps, center, x, scale, bias, dy):
+def _eps_cotangent(eps, inv, sum_dz_xhat):
+    """dε = Σ over statistics of −½·(Σ dz·x̂)/(σ² + ε), from y = g·(x − μ)·(σ² + ε)^(−1/2) + b."""
+    return (-0.5 * jnp.sum(inv * inv * sum_dz_xhat)).astype(eps.dtype)
+
+
+def _row_bwd(axes, center, x, scale, bias, eps, dy):
     """The backward pass for rows, the statistics recomputed (see above); the same formulas."""
     dtype = compute_dtype(x.dtype)
     # Copies of x, dy and g that XLA may not identify with each other or with the forward pass's:
@@ -247,7 +273,7 @@ def _row_bwd(axes, eps, center, x, scale, bias, dy):
 
     def normalized(xv):  # x̂ = ((x − K) − δ)/σ, spelled as in the forward pass and statistics
         m = _statistics(xv, None, axes, None, None, center)
-        inv = lax.rsqrt(m.var + jnp.asarray(eps, dtype))
+        inv = lax.rsqrt(m.var + eps)
         xc = xv.astype(dtype)
         return (((xc - m.shift) - m.offset) if center else xc) * inv, inv, m.count
 
@@ -262,15 +288,20 @@ def _row_bwd(axes, eps, center, x, scale, bias, dy):
     dx = inv * (d - coupled / n)
     dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * normalized(x_dg)[0])
     dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
-    return dx.astype(x.dtype), dscale, dbias, None
+    return dx.astype(x.dtype), dscale, dbias, None, _eps_cotangent(eps, inv, sum_d_xhat)
 
 
-def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
-    x, scale, bias, mask, m, inv = residuals
+def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
+    x, scale, bias, mask, eps, m, inv = residuals
     dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
     if m is None:
-        return _row_bwd(axes, eps, center, x, scale, bias, dy)
+        return _row_bwd(axes, center, x, scale, bias, eps, dy)
     dtype = inv.dtype
+    if mask is not None:
+        # masked-out positions are constants (see normalize_with_statistics): they enter no sum,
+        # and x is read as 0 there so that no NaN or inf of theirs meets a multiplication
+        dy = jnp.where(mask, dy, jnp.zeros((), dy.dtype))
+        x = jnp.where(mask, x, jnp.zeros((), x.dtype))
     if center:
         c, r = statistics.rounded_mean(m.shift, m.offset)  # μ = c + r, as in the forward pass
     else:
@@ -303,12 +334,15 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
         # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
         # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
         sum_d, raw = sums()
-        dscale = None if scale is None else _param_cotangent(scale, finish(sum_d, raw))
+        local = finish(sum_d, raw)  # Σ dy·x̂
+        dscale = None if scale is None else _param_cotangent(scale, local)
         dbias = None if bias is None else _param_cotangent(bias, sum_d)
+        deps = _eps_cotangent(eps, inv, local if scale is None else local * scale.astype(dtype))
         d = dy_out.astype(dtype)
         gain = inv_out if scale is None else inv_out * scale_out.astype(dtype)
     else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
         sum_d, raw = sums(None if scale is None else scale.astype(dtype))
+        deps = _eps_cotangent(eps, inv, finish(sum_d, raw))
         xhat_dg = normalized(x_dg, c_dg, r_dg, inv_dg)
         dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * xhat_dg)
         dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
@@ -318,10 +352,10 @@ def _fused_bwd(axes, eps, axis_name, groups, center, residuals, cotangents):
         sum_d, raw = collective.group_sum((sum_d, raw), axis_name, groups)
     sum_d_xhat = finish(sum_d, raw)
     coupled = normalized(x_out, c_out, r_out, inv_out) * sum_d_xhat + (sum_d if center else 0)
-    if mask is not None:
-        coupled = jnp.where(mask, coupled, jnp.zeros((), dtype))
     dx = gain * (d - coupled / jnp.maximum(m.count, 1))
-    return dx.astype(x.dtype), dscale, dbias, None
+    if mask is not None:
+        dx = jnp.where(mask, dx, jnp.zeros((), dtype))
+    return dx.astype(x.dtype), dscale, dbias, None, deps
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
