@@ -31,7 +31,7 @@ from jax.typing import ArrayLike
 from bnjax._src import statistics
 from bnjax._src.statistics import compute_dtype
 from bnjax._src.transform import apply_normalization
-from bnjax._src.validation import check_eps, check_floating
+from bnjax._src.validation import check_eps, check_floating, check_int
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -68,14 +68,6 @@ def _fan_in(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
 def _unit_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     """(1, ..., out, ..., 1): a per-unit vector placed on ``axis``, broadcastable against the weight."""
     return tuple(s if a == axis else 1 for a, s in enumerate(shape))
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a Python int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
-    return int(value)
 
 
 def _check_unit_vector(value: Any, w: jax.Array, axis: int, name: str, fix: str) -> jax.Array:
@@ -418,7 +410,7 @@ def spectral_norm(
     w = check_floating(w, "w")
     ax = _output_axis(axis, w, "w")
     u = _check_unit_vector(u, w, ax, "u", f"create it with spectral_norm_init(key, w, axis={axis}).")
-    n_steps = _check_int(n_steps, "n_steps", 0)
+    n_steps = check_int(n_steps, "n_steps", 0)
     check_eps(eps)
     with jax.named_scope("bnjax.spectral_norm"):
         dtype = compute_dtype(jnp.promote_types(w.dtype, u.dtype))
@@ -470,7 +462,7 @@ def spectral_norm_init(
     """
     w = check_floating(w, "w")
     ax = _output_axis(axis, w, "w")
-    n_warmup = _check_int(n_warmup, "n_warmup", 0)
+    n_warmup = check_int(n_warmup, "n_warmup", 0)
     check_eps(eps)
     cdtype = compute_dtype(jnp.promote_types(w.dtype, dtype))
     u0 = _l2_normalize(jax.random.normal(key, (w.shape[ax],), cdtype), eps)[0]
@@ -552,6 +544,22 @@ def cosine_norm(
         return _cosine(num, x_norm, w_norm, x.dtype)
 
 
+def _check_padding(padding: Any, spatial: int) -> str | tuple[tuple[int, int], ...]:
+    """``"SAME"``/``"VALID"`` (any case) or one (low, high) pair of ints per spatial axis."""
+    fix = f"padding must be 'SAME', 'VALID' or {spatial} (low, high) pairs of ints, one per spatial axis"
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{fix}, got {padding!r}.")
+        return padding.upper()
+    try:
+        pairs = tuple((check_int(lo, "padding", 0), check_int(hi, "padding", 0)) for lo, hi in padding)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{fix}, got {padding!r}.") from e
+    if len(pairs) != spatial:
+        raise ValueError(f"{fix}, got {len(pairs)} pair(s): {padding!r}.")
+    return pairs
+
+
 def cosine_norm_conv(
     x: ArrayLike,
     kernel: ArrayLike,
@@ -615,8 +623,7 @@ def cosine_norm_conv(
     strides = tuple(strides)
     if len(strides) != spatial or any(isinstance(s, bool) or int(s) < 1 for s in strides):
         raise ValueError(f"strides={strides!r} must be an int ≥ 1 or {spatial} of them (one per spatial axis).")
-    if not isinstance(padding, str):
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    padding = _check_padding(padding, spatial)
     with jax.named_scope("bnjax.cosine_norm_conv"):
         dtype = compute_dtype(jnp.promote_types(x.dtype, kernel.dtype))
         xc, kc = x.astype(dtype), kernel.astype(dtype)
