@@ -105,9 +105,25 @@ class BatchNorm(nn.Module):
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         shape = shells.feature_shape(x, self.axis)
         params = _affine(self, shape)
+        loaded_without_count = self.has_variable("batch_stats", "mean") and not self.has_variable(
+            "batch_stats", "count"
+        )
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
         track = shells.tracks_updates(self)
+        if track and loaded_without_count:
+            # statistics without bnjax's counters: a checkpoint of flax.linen.BatchNorm, or of
+            # track_updates=False. Evaluation needs no count; an update would read count = 0 and
+            # replace the loaded statistics by this batch's.
+            if not use_ra:
+                raise ValueError(
+                    "BatchNorm(debias=True or momentum=None) in training found batch_stats with 'mean' and "
+                    "'var' but no 'count' (e.g. a flax.linen.BatchNorm checkpoint): its first update would "
+                    "discard the loaded statistics. Train on with debias=False (Flax's EMA, which needs no "
+                    "count), or add counts saying how many updates the statistics hold: "
+                    "batch_stats[...]['count'] = jnp.int32(n) and ['skipped'] = jnp.zeros(C, jnp.int32)."
+                )
+            track = False
         if track:
             count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
             skipped = self.variable("batch_stats", "skipped", jnp.zeros, shape, jnp.int32)
@@ -419,10 +435,16 @@ class SpectralNorm(nn.Module):
                 ),
             )
             training = update_stats and not self.is_initializing()
+            if training and not self.is_mutable_collection("batch_stats"):
+                raise ValueError(
+                    "SpectralNorm(...).apply(..., update_stats=True) needs a mutable 'batch_stats' "
+                    "collection to store the new power-iteration vector u: pass mutable=['batch_stats'] "
+                    "(or update_stats=False to use the stored u)."
+                )
             w_sn, new_u = weights.spectral_norm(
                 w, u.value, n_steps=self.n_steps, axis=self.feature_axis, eps=self.epsilon, training=training
             )
-            if training and self.is_mutable_collection("batch_stats"):
+            if training:
                 u.value = new_u
             return w_sn
 

@@ -142,11 +142,18 @@ def test_unbiased_variance_with_one_valid_element_is_skipped():
 
 
 def test_stats_without_skipped_field_still_work():
+    """Without ``skipped``, a batch that is bad for one feature is applied to none under the
+    debiased rule (one count serves every feature), and not counted; the plain EMA, which does not
+    read the count, still updates the good features."""
     x, _ = data((6, 2))
     stats = bnjax.BatchStats(jnp.zeros(2), jnp.ones(2), jnp.zeros((), jnp.int32))
-    _, new = bnjax.batch_norm(x.at[0, 0].set(jnp.nan), None, stats, training=True)
+    bad = x.at[0, 0].set(jnp.nan)
+    _, new = bnjax.batch_norm(bad, None, stats, training=True)
+    assert new.skipped is None and int(new.count) == 0
+    np.testing.assert_array_equal(new.mean, stats.mean)
+    _, new = bnjax.batch_norm(bad, None, stats, training=True, debias=False)
     assert new.skipped is None and int(new.count) == 1
-    assert np.isfinite(np.asarray(new.mean)).all()
+    assert new.mean[0] == 0 and new.mean[1] != 0
 
 
 def test_float64_state_is_kept_when_requested():

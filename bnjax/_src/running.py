@@ -11,10 +11,15 @@ first update stores the batch statistics themselves and the early ones are an ex
 the batches seen, so the stored mean/var are always directly usable; afterwards it is the plain
 EMA. ``debias=False`` is the plain EMA of Flax and PyTorch, starting from mean 0, var 1.
 
-Non-finite policy: if a feature's batch mean or variance is NaN or ±inf, that feature's running
-values are left unchanged and its ``skipped`` counter is incremented, so one bad batch can never
-poison the statistics and ``stats.skipped`` tells the user it happened. A batch with no valid
-element at all (everything masked) leaves the whole state unchanged.
+Non-finite policy: if a feature's batch mean or variance is NaN or ±inf, or its updated running
+values would be (or the variance negative), that feature's running values are left unchanged and
+its ``skipped`` counter is incremented, so one bad batch can never poison the statistics and
+``stats.skipped`` tells the user it happened. A traced ``momentum`` outside [0, 1) (which cannot
+be rejected at trace time) is applied to no feature and counts as skipped for all of them. A batch
+with no valid element at all (everything masked, or an empty batch) leaves the whole state
+unchanged. Without ``skipped`` (``BatchStats(mean, var, count)``), the debiased and cumulative
+rules, which read the decay off ``count``, apply a batch to all features or (if any feature's
+update is bad) to none, and count only the batches applied.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax._src.statistics import Moments
@@ -93,6 +99,15 @@ def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> BatchStats:
         f"create matching stats with bnjax.init_stats({features_arg(feature_shape)}), "
         "or pass the axis argument that selects the features these stats were made for."
     )
+    for name in ("mean", "var", "count") + (("skipped",) if stats.skipped is not None else ()):
+        value = getattr(stats, name)
+        if not isinstance(value, (jax.Array, np.ndarray, np.generic)) and not (
+            name == "count" and isinstance(value, int)
+        ):
+            raise TypeError(
+                f"stats.{name} must be an array (jax or NumPy), got {type(value).__name__}: "
+                f"create the statistics with bnjax.init_stats({features_arg(feature_shape)})."
+            )
     for name in ("mean", "var") + (("skipped",) if stats.skipped is not None else ()):
         value = jnp.shape(getattr(stats, name))
         if value != feature_shape:
@@ -129,8 +144,11 @@ def update(
     if unbiased_running_var:
         # PyTorch stores M₂/(n − 1); undefined for n ≤ 1, which the non-finite policy then skips.
         batch_var = jnp.where(n_batch > 1, m2 / jnp.maximum(n_batch - 1, 1), jnp.inf)
-    apply = (n_batch > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
     any_valid = jnp.any(n_batch > 0)
+    apply = (n_batch > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    if momentum is not None and isinstance(momentum, jax.core.Tracer):
+        # a traced momentum is checked here, at run time: outside [0, 1) nothing is applied
+        apply = apply & (momentum >= 0) & (momentum < 1)
 
     if momentum is None or debias:
         seen = stats.count if stats.skipped is None else stats.count - stats.skipped
@@ -144,6 +162,14 @@ def update(
         # The exact expression of Flax and PyTorch, for bit-level parity of the EMA itself.
         mean = momentum * stats.mean + (1 - momentum) * batch_mean.astype(dtype)
         var = momentum * stats.var + (1 - momentum) * batch_var.astype(dtype)
+    # Whatever the inputs, the stored statistics stay finite and the variance non-negative.
+    apply = apply & jnp.isfinite(mean) & jnp.isfinite(var) & (var >= 0)
+    if stats.skipped is None and (momentum is None or debias):
+        # The decay is read off the count, and without a per-feature record of skipped updates one
+        # count must hold for every feature: a batch that cannot be applied to every feature is
+        # applied to none, and not counted (the debiased start survives a bad batch).
+        apply = jnp.broadcast_to(jnp.all(apply), apply.shape)
+        any_valid = any_valid & jnp.all(apply)
 
     new_mean = jnp.where(apply & any_valid, mean, stats.mean).astype(jnp.result_type(stats.mean))
     new_var = jnp.where(apply & any_valid, var, stats.var).astype(jnp.result_type(stats.var))

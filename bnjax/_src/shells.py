@@ -24,7 +24,16 @@ def tracks_updates(cfg: Any) -> bool:
     Needed by the debiased update and the cumulative average; the plain EMA (Flax's own rule)
     needs neither, so by default the variable layout is exactly Flax's.
     """
-    return cfg.track_updates if cfg.track_updates is not None else (cfg.debias or cfg.momentum is None)
+    needed = cfg.debias or cfg.momentum is None
+    if cfg.track_updates is False and needed:
+        rule = "debias=True" if cfg.debias else "momentum=None (a cumulative average)"
+        raise ValueError(
+            f"BatchNorm(track_updates=False, {rule}): that rule reads the number of updates so far "
+            "from the stored count, which track_updates=False does not keep, so every update would act "
+            "as the first. Leave track_updates unset (or True), or use the plain EMA (debias=False "
+            "with a momentum)."
+        )
+    return cfg.track_updates if cfg.track_updates is not None else needed
 
 
 def _out(cfg: Any, y: jax.Array) -> jax.Array:

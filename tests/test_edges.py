@@ -1,0 +1,328 @@
+"""The contract at its edges: padding that holds NaN, traced hyper-parameters, empty and
+degenerate batches, configurations that contradict themselves, and which backward pass runs.
+
+Each test here failed before the fix it guards (see the README's "Errors" and "Conventions").
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+import bnjax.linen
+import bnjax.nnx
+from tests import reference as ref
+from tests.helpers import data, params
+
+# ---------------------------------------------------------------------------------------------
+# Padding never influences anything (statistics, running state, outputs at valid positions)
+
+
+def _bn(x, stats, mask, **kw):
+    return bnjax.batch_norm(x, params(x.shape[-1]), stats, training=True, mask=mask, **kw)
+
+
+def test_all_masked_batch_with_nan_leaves_state_and_finite_positions_alone():
+    x, _ = data((6, 3))
+    x = x.at[0, 1].set(jnp.nan).at[2, 0].set(jnp.inf)
+    stats = bnjax.init_stats(3)
+    y, new = jax.jit(lambda x: _bn(x, stats, np.zeros((6, 1), bool)))(x)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    finite = np.isfinite(np.asarray(x))
+    assert np.isfinite(np.asarray(y)[finite]).all()
+
+
+def test_sync_batch_norm_ignores_a_device_whose_shard_is_all_padding_and_nan():
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    x, x64 = data((8 * 4, 5))
+    mask = np.ones((32, 1), bool)
+    mask[8:12] = False  # device 2's whole shard
+    poisoned = x.at[8:12].set(jnp.nan)
+    stats = bnjax.init_stats(5)
+
+    def local(x, mask):
+        y, new = bnjax.batch_norm(x, params(5), stats, training=True, mask=mask, axis_name="d")
+        return y, new
+
+    run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P())))
+    y, new = run(poisoned, mask)
+    mean, var, _ = ref.moments(x64, (0,), mask)
+    np.testing.assert_allclose(new.mean, mean[0], rtol=1e-6)
+    np.testing.assert_allclose(new.var, var[0], rtol=1e-5)
+    np.testing.assert_array_equal(new.skipped, 0)
+    assert int(new.count) == 1
+    y_clean, new_clean = run(x, mask)
+    np.testing.assert_array_equal(np.asarray(y)[mask[:, 0]], np.asarray(y_clean)[mask[:, 0]])
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_clean), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vmap_axis_name_with_one_example_all_padding_and_nan():
+    x, x64 = data((4, 6, 3))
+    mask = np.ones((4, 6, 1), bool)
+    mask[1] = False
+    poisoned = x.at[1].set(jnp.nan)
+    stats = bnjax.init_stats(3)
+    f = lambda x, m: bnjax.batch_norm(x, None, stats, training=True, mask=m, axis_name="b")  # noqa: E731
+    y, new = jax.vmap(f, axis_name="b", out_axes=(0, None))(poisoned, mask)
+    mean, var, _ = ref.moments(x64.reshape(24, 3), (0,), mask.reshape(24, 1))
+    np.testing.assert_allclose(new.mean, mean[0], rtol=1e-6)
+    np.testing.assert_allclose(new.var, var[0], rtol=1e-5)
+    np.testing.assert_array_equal(new.skipped, 0)
+    assert np.isfinite(np.asarray(y)[mask[:, :, 0]]).all()
+
+
+@pytest.mark.parametrize("method", ["layer_norm", "rms_norm", "group_norm", "instance_norm"])
+def test_a_row_with_no_valid_element_gives_finite_output(method):
+    x, _ = data((3, 4, 4, 8))
+    mask = np.ones((3, 4, 4, 1), bool)
+    mask[1] = False  # example 1: nothing valid in any of its rows
+    fn = {
+        "layer_norm": lambda x, m: bnjax.layer_norm(x, params(8), mask=m),
+        "rms_norm": lambda x, m: bnjax.rms_norm(x, params(8), mask=m),
+        "group_norm": lambda x, m: bnjax.group_norm(x, params(8), num_groups=2, mask=m),
+        "instance_norm": lambda x, m: bnjax.instance_norm(x, params(8), mask=m),
+    }[method]
+    y = jax.jit(fn)(x, mask)
+    assert np.isfinite(np.asarray(y)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused backward pass runs wherever it can (a silent fallback to autodiff is a defect)
+
+
+def _has_custom_vjp(fn, *args) -> bool:
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_custom_vjp_runs_under_shard_map_and_pmap_and_not_under_vmap():
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    x, _ = data((32, 5))
+    p = params(5)
+    stats = bnjax.init_stats(5)
+
+    def local(x, p):
+        return bnjax.batch_norm(x, p, stats, training=True, axis_name="d")[0]
+
+    for check_vma in (True, False):
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"), check_vma=check_vma)
+        assert _has_custom_vjp(sharded, x, p), f"check_vma={check_vma}"
+    pmapped = jax.pmap(local, axis_name="d", in_axes=(0, None))
+    assert _has_custom_vjp(pmapped, x.reshape(8, 4, 5), p)
+    # vmap axes: JAX traces the backward rule outside them, so autodiff runs there (documented)
+    vmapped = jax.vmap(local, axis_name="d", in_axes=(0, None))
+    assert not _has_custom_vjp(vmapped, x.reshape(8, 4, 5), p)
+    # and the layer norm of the plain (single-device) path
+    assert _has_custom_vjp(lambda x: bnjax.layer_norm(x, p), x)
+    assert not _has_custom_vjp(lambda x: bnjax.layer_norm(x, p, fused_backward=False), x)
+
+
+def test_pmap_fused_backward_equals_autodiff():
+    x, _ = data((8, 4, 5))
+    p = params(5)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape), jnp.float32)
+
+    def loss(fb):
+        def local(x, ct, p):
+            y, _ = bnjax.batch_norm(x, p, bnjax.init_stats(5), training=True, axis_name="d", fused_backward=fb)
+            return jax.lax.psum(jnp.sum(y * ct), "d")
+
+        pm = jax.pmap(local, axis_name="d", in_axes=(0, 0, None))
+        return lambda x, p: pm(x, ct, p)[0]
+
+    fused = jax.grad(loss(True), argnums=(0, 1))(x, p)
+    auto = jax.grad(loss(False), argnums=(0, 1))(x, p)
+    for f, a in zip(jax.tree.leaves(fused), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(f, a, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Traced hyper-parameters
+
+EPS_METHODS = {
+    "batch_norm": lambda x, eps, fb: bnjax.batch_norm(
+        x, params(8), bnjax.init_stats(8), training=True, eps=eps, fused_backward=fb
+    )[0],
+    "layer_norm": lambda x, eps, fb: bnjax.layer_norm(x, params(8), eps=eps, fused_backward=fb),
+    "layer_norm_rows": lambda x, eps, fb: bnjax.layer_norm(
+        jnp.tile(x, (2048, 1, 1, 1)).reshape(-1, 8), params(8), eps=eps, fused_backward=fb
+    ),
+    "rms_norm": lambda x, eps, fb: bnjax.rms_norm(x, params(8), eps=eps, fused_backward=fb),
+    "group_norm": lambda x, eps, fb: bnjax.group_norm(x, params(8), num_groups=2, eps=eps, fused_backward=fb),
+    "masked_batch_norm": lambda x, eps, fb: jnp.where(
+        MASK,
+        bnjax.batch_norm(x, params(8), bnjax.init_stats(8), training=True, eps=eps, mask=MASK, fused_backward=fb)[0],
+        0,
+    ),
+}
+MASK = np.arange(4)[:, None, None, None] < 3
+
+
+@pytest.mark.parametrize("name", sorted(EPS_METHODS))
+def test_traced_eps_works_and_has_the_right_gradient(name):
+    fn = EPS_METHODS[name]
+    x, _ = data((4, 3, 1, 8), loc=0.0, scale=0.05)  # σ² (and E[x²]) comparable to ε, so that ε matters
+    eps = 1e-3
+    static = fn(x, eps, True)
+    # traced or not, the same value (up to XLA's own rounding differences between programs)
+    np.testing.assert_allclose(jax.jit(lambda e: fn(x, e, True))(eps), static, rtol=1e-6, atol=1e-6)
+    batched = jax.vmap(lambda e: fn(x, e, True))(jnp.array([eps, 1e-2]))
+    np.testing.assert_allclose(batched[0], static, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(batched[1], fn(x, 1e-2, True), rtol=1e-6, atol=1e-6)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(static.shape), jnp.float32)
+    grads = [jax.grad(lambda e, fb=fb: jnp.sum(fn(x, e, fb) * ct))(jnp.float32(eps)) for fb in (True, False)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=2e-3)
+    h = 1e-5  # central difference in float64 arithmetic of the float32 function
+    numeric = (jnp.sum(fn(x, eps + h, True) * ct) - jnp.sum(fn(x, eps - h, True) * ct)) / (2 * h)
+    np.testing.assert_allclose(grads[0], numeric, rtol=2e-2)
+
+
+def test_traced_eps_inside_shard_map_sync_batch_norm():
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    x, _ = data((32, 5))
+
+    def local(x, eps):
+        return bnjax.batch_norm(x, params(5), bnjax.init_stats(5), training=True, axis_name="d", eps=eps)[0]
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d")))
+    full = bnjax.batch_norm(x, params(5), bnjax.init_stats(5), training=True, eps=1e-2)[0]
+    np.testing.assert_allclose(f(x, jnp.float32(1e-2)), full, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda e: jnp.sum(f(x, e) ** 3))(jnp.float32(1e-2))
+    g_full = jax.grad(
+        lambda e: jnp.sum(bnjax.batch_norm(x, params(5), bnjax.init_stats(5), training=True, eps=e)[0] ** 3)
+    )(jnp.float32(1e-2))
+    np.testing.assert_allclose(g, g_full, rtol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.2, 1.0, float("nan")])
+def test_traced_momentum_out_of_range_applies_no_update(momentum):
+    x, _ = data((8, 3))
+    stats = bnjax.init_stats(3)
+    warm = _bn(x, stats, None)[1]
+    new = jax.jit(lambda m: _bn(x * 3.0, warm, None, momentum=m)[1])(momentum)
+    np.testing.assert_array_equal(new.mean, warm.mean)
+    np.testing.assert_array_equal(new.var, warm.var)
+    np.testing.assert_array_equal(new.skipped, warm.skipped + 1)  # visible: counted as skipped
+    assert int(new.count) == int(warm.count) + 1
+    # a traced momentum in range is the static one (up to XLA's rounding differences between programs)
+    good = jax.jit(lambda m: _bn(x * 3.0, warm, None, momentum=m)[1])(0.8)
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(_bn(x * 3.0, warm, None, momentum=0.8)[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_running_variance_never_becomes_negative_or_non_finite():
+    x, _ = data((8, 3))
+    stats = bnjax.BatchStats(jnp.zeros(3), jnp.full(3, 3e38), jnp.array(5), jnp.zeros(3, jnp.int32))
+    new = _bn(x * 1e19, stats, None, debias=False)[1]  # var ≈ 9e38·(1 − m): overflows float32
+    assert np.isfinite(np.asarray(new.var)).all() and (np.asarray(new.var) >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that could be bypassed
+
+
+def test_a_mask_does_not_bypass_the_single_element_check():
+    with pytest.raises(ValueError, match="single element"):
+        bnjax.batch_norm(jnp.ones((1, 3)), None, bnjax.init_stats(3), training=True, mask=np.ones((1, 1), bool))
+
+
+def test_batch_stats_without_skipped_keep_the_debiased_start_after_a_bad_batch():
+    x, x64 = data((8, 3))
+    stats = bnjax.BatchStats(jnp.zeros(3), jnp.ones(3), jnp.array(0, jnp.int32))  # skipped=None
+    after_bad = _bn(x.at[0, 1].set(jnp.nan), stats, None)[1]
+    assert int(after_bad.count) == 0  # applied to no feature, so not counted
+    after_good = _bn(x, after_bad, None)[1]
+    mean, var, _ = ref.moments(x64, (0,))
+    np.testing.assert_allclose(after_good.mean, mean[0], rtol=1e-6)  # the batch itself: first update
+    np.testing.assert_allclose(after_good.var, var[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [dict(debias=True), dict(momentum=None)])
+def test_track_updates_false_with_a_rule_that_needs_counts_raises(rule):
+    with pytest.raises(ValueError, match="track_updates=False"):
+        bnjax.linen.BatchNorm(use_running_average=False, track_updates=False, **rule).init(
+            jax.random.key(0), jnp.ones((4, 3))
+        )
+    with pytest.raises(ValueError, match="track_updates=False"):
+        bnjax.nnx.BatchNorm(3, track_updates=False, rngs=nnx.Rngs(0), **rule)
+
+
+def test_debiased_linen_batch_norm_refuses_to_discard_a_flax_checkpoint():
+    x, _ = data((8, 3))
+    flax_vars = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    flax_vars = {"params": flax_vars["params"], "batch_stats": {"mean": jnp.full(3, 2.0), "var": jnp.full(3, 4.0)}}
+    layer = bnjax.linen.BatchNorm(debias=True)
+    with pytest.raises(ValueError, match=r"no 'count'.*discard the loaded statistics"):
+        layer.apply(flax_vars, x, use_running_average=False, mutable=["batch_stats"])
+    # evaluation needs no count: the checkpoint's statistics are used as they are
+    y = layer.apply(flax_vars, x, use_running_average=True)
+    np.testing.assert_allclose(y, (x - 2.0) / np.sqrt(4.0 + 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_linen_spectral_norm_update_without_mutable_batch_stats_raises():
+    layer = bnjax.linen.SpectralNorm(nn.Dense(3))
+    v = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="mutable 'batch_stats'"):
+        layer.apply(v, jnp.ones((2, 4)), update_stats=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty inputs (PyTorch's behaviour: an empty output, the statistics unchanged)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batch_gives_empty_output_and_leaves_the_state(masked):
+    stats = bnjax.init_stats(3)
+    mask = np.ones((0, 1), bool) if masked else None
+    y, new = jax.jit(lambda x: bnjax.batch_norm(x, params(3), stats, training=True, mask=mask))(jnp.ones((0, 3)))
+    assert y.shape == (0, 3)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    g = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params(3), stats, training=True, mask=mask)[0]))
+    assert g(jnp.ones((0, 3))).shape == (0, 3)
+
+
+def test_empty_reductions_elsewhere():
+    mean, var = bnjax.moments(jnp.ones((0, 3)), 0)
+    assert mean.shape == var.shape == (3,) and not np.asarray(mean).any() and not np.asarray(var).any()
+    mean, var = bnjax.moments(jnp.ones((0, 3)), 0, keepdims=True)
+    assert mean.shape == var.shape == (1, 3)
+    assert bnjax.layer_norm(jnp.ones((0, 5)), params(5)).shape == (0, 5)
+    assert bnjax.rms_norm(jnp.ones((2, 0)), bnjax.init_params(0)).shape == (2, 0)
+    assert bnjax.group_norm(jnp.ones((0, 4, 4, 8)), params(8), num_groups=2).shape == (0, 4, 4, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer-like and structured arguments
+
+
+def test_integer_like_arguments_are_accepted():
+    x, _ = data((2, 4, 4, 8))
+    expected = bnjax.group_norm(x, params(8), num_groups=2)
+    np.testing.assert_array_equal(bnjax.group_norm(x, params(8), num_groups=np.int64(2)), expected)
+    np.testing.assert_array_equal(bnjax.layer_norm(x, params(8), axis=jnp.array(-1)), bnjax.layer_norm(x, params(8)))
+    np.testing.assert_array_equal(bnjax.layer_norm(x, params(8), axis=np.int32(3)), bnjax.layer_norm(x, params(8)))
+    # Haiku's slice convention: every axis but the batch one
+    p = params((4, 4, 8))
+    np.testing.assert_array_equal(bnjax.layer_norm(x, p, axis=slice(1, None)), bnjax.layer_norm(x, p, axis=(1, 2, 3)))
+
+
+def test_zero_one_masks_of_any_dtype_equal_the_boolean_one():
+    x, _ = data((6, 3))
+    mask = np.array([1, 0, 1, 1, 0, 1])[:, None]
+    expected = _bn(x, bnjax.init_stats(3), mask.astype(bool))
+    for m in (mask, mask.astype(np.float32), jnp.asarray(mask, jnp.int8)):
+        for a, b in zip(jax.tree.leaves(_bn(x, bnjax.init_stats(3), m)), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+    run = jax.jit(lambda m: _bn(x, bnjax.init_stats(3), m))
+    traced_int, traced_bool = run(jnp.asarray(mask, jnp.int32)), run(jnp.asarray(mask, bool))
+    for a, b in zip(jax.tree.leaves(traced_int), jax.tree.leaves(traced_bool), strict=True):
+        np.testing.assert_array_equal(a, b)
