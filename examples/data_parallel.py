@@ -102,11 +102,13 @@ def run(mode: str, steps: int, batch: int, lr: float, seed: int):
 
 
 def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
+    parser.add_argument("--batch", type=int, default=128, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
     if jax.device_count() < DEVICES:
         raise SystemExit(f"needs {DEVICES} devices; set XLA_FLAGS=--xla_force_host_platform_device_count=8")

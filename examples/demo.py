@@ -144,12 +144,16 @@ def plot(histories: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "out"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs")
+    parser.add_argument("--batch", type=int, default=128, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "out"), help="output folder for tables and figures"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without batch norm")
     args = parser.parse_args(argv)
     if jax.device_count() < DEVICES:

@@ -235,14 +235,18 @@ def plot(results: dict, args, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--target", type=float, default=0.95)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/out"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (independent runs per setting)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps")
+    parser.add_argument("--batch", type=int, default=64, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    parser.add_argument("--eval-every", type=int, default=25, help="evaluate every this many steps")
+    parser.add_argument("--target", type=float, default=0.95, help="test accuracy that counts as reached")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("examples/out"), help="output folder for tables and figures"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:

@@ -14,7 +14,8 @@ function SGD differentiates), with g = ∇L_B(θ) and for each step multiplier k
 
 and (b) E‖x‖² over the batch of the input x of every dense layer (the data, then each hidden
 ReLU output) and of every hidden pre-activation z = xW (the batch norm's input, or the ReLU's
-input without BN): the quantity that bounds the gradient's Lipschitz constant in BACKGROUND.md §1.
+input without BN): the quantity that bounds the gradient's Lipschitz constant
+(for a linear layer, ‖∂²L/∂W²‖ grows with E‖x‖², Santurkar et al. 2018).
 Probes never change the training trajectory (running statistics are not updated by them). Each
 variant's seeds train together in one jit-compiled, ``vmap``-ed step. Writes
 ``exp_smoothness.png`` and ``exp_smoothness.md`` to ``--out``.
@@ -320,14 +321,24 @@ def plot(results: dict, args, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--probe-every", type=int, default=10)
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("examples/out"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (independent runs per setting)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps")
+    parser.add_argument("--batch", type=int, default=64, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    parser.add_argument("--probe-every", type=int, default=10, help="probe the loss landscape every this many steps")
+    parser.add_argument(
+        "--multipliers",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="step multipliers k of the probes along the update direction",
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("examples/out"), help="output folder for tables and figures"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:

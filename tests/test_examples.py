@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import load_script
 
@@ -32,3 +35,15 @@ def test_main_demo_shortened(tmp_path):
     assert set(histories) == {"with BN", "without BN"}
     assert histories["with BN"]["test_accuracy"][-1] >= 0.85  # the full 15 epochs reach ~0.99
     assert (tmp_path / "demo_curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_help_lists_defaults_and_runs_nothing(script):
+    # --help must print every option with its default and exit at once (not run the computation)
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    options = [line for line in run.stdout.splitlines() if line.strip().startswith("--") and "--help" not in line]
+    assert options, run.stdout
+    assert " ".join(run.stdout.split()).count("(default:") == len(options), run.stdout

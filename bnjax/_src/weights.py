@@ -118,7 +118,7 @@ def weight_norm(v: ArrayLike, g: ArrayLike, *, axis: int = -1, eps: float = 1e-1
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from bnjax._src.weights import weight_norm
+      >>> from bnjax import weight_norm
       >>> v = jnp.array([[3.0, 0.0], [4.0, 0.0]])  # (in=2, out=2); the second unit is all zero
       >>> weight_norm(v, jnp.array([2.0, 5.0]))
       Array([[1.2, 0. ],
@@ -153,7 +153,7 @@ def weight_norm_init(v: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from bnjax._src.weights import weight_norm, weight_norm_init
+      >>> from bnjax import weight_norm, weight_norm_init
       >>> v = jnp.array([[3.0, 1.0], [4.0, 0.0]])
       >>> g = weight_norm_init(v)
       >>> g
@@ -207,7 +207,7 @@ def weight_norm_data_init(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from bnjax._src.weights import weight_norm, weight_norm_data_init
+      >>> from bnjax import weight_norm, weight_norm_data_init
       >>> v = 0.05 * jax.random.normal(jax.random.key(0), (4, 3))
       >>> x = 2.0 + 3.0 * jax.random.normal(jax.random.key(1), (256, 4))
       >>> g, b = weight_norm_data_init(v, x, eps=1e-12)
@@ -280,7 +280,7 @@ def weight_standardize(w: ArrayLike, *, axis: int = -1, eps: float = 1e-5) -> ja
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from bnjax._src.weights import weight_standardize
+      >>> from bnjax import weight_standardize
       >>> w = jnp.array([[1.0, 10.0], [3.0, 10.0]])  # (in=2, out=2); the second unit is constant
       >>> weight_standardize(w, eps=1e-12)
       Array([[-1.,  0.],
@@ -389,7 +389,7 @@ def spectral_norm(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from bnjax._src.weights import spectral_norm, spectral_norm_init
+      >>> from bnjax import spectral_norm, spectral_norm_init
       >>> w = jnp.array([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # (in=3, out=2): σ_max = 3
       >>> u = spectral_norm_init(jax.random.key(0), w)
       >>> w_sn, u = spectral_norm(w, u)
@@ -451,7 +451,7 @@ def spectral_norm_init(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from bnjax._src.weights import spectral_norm_init
+      >>> from bnjax import spectral_norm_init
       >>> u = spectral_norm_init(jax.random.key(0), jnp.array([[3.0, 0.0], [0.0, 1.0]]))
       >>> [round(abs(float(c)), 4) for c in u]  # the top left singular vector, up to sign
       [1.0, 0.0]
@@ -513,7 +513,7 @@ def cosine_norm(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from bnjax._src.weights import cosine_norm
+      >>> from bnjax import cosine_norm
       >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
       >>> w = jnp.array([[1.0, 0.0, -6.0], [0.0, 0.0, -8.0]])  # second column all zero
       >>> cosine_norm(x, w)
@@ -593,7 +593,7 @@ def cosine_norm_conv(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from bnjax._src.weights import cosine_norm_conv
+      >>> from bnjax import cosine_norm_conv
       >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
       >>> y = cosine_norm_conv(x, jax.random.normal(jax.random.key(1), (3, 3, 3, 16)))
       >>> y.shape, bool(jnp.all(jnp.abs(y) <= 1.0))
