@@ -260,8 +260,18 @@ def test_forward_mode_needs_fused_backward_false():
     p = params(6)
     stats = bnjax.init_stats(6)
     f = lambda fb: lambda x: bnjax.batch_norm(x, p, stats, training=True, fused_backward=fb)[0]  # noqa: E731
-    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    with pytest.raises(TypeError, match="forward-mode differentiation .* fused_backward=False"):
         jax.jvp(f(True), (x,), (x,))
+    for name in ("layer_norm", "rms_norm"):
+        method = getattr(bnjax, name)
+        with pytest.raises(TypeError, match="Pass fused_backward=False"):
+            jax.jacfwd(lambda x, method=method: method(x, p))(x)
+        # forward over reverse differentiates the fused backward rule itself: same Hessian
+        hessians = [
+            jax.hessian(lambda x, method=method, fb=fb: jnp.sum(jnp.sin(method(x, p, fused_backward=fb))))(x)
+            for fb in (True, False)
+        ]
+        np.testing.assert_allclose(hessians[0], hessians[1], atol=1e-5, rtol=1e-5)
     check_grads(f(False), (x,), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
     hessian = jax.hessian(lambda x: jnp.sum(jnp.sin(f(False)(x))))(x)
     assert hessian.shape == (8, 6, 8, 6) and np.isfinite(hessian).all()

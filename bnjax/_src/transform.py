@@ -183,9 +183,14 @@ def normalize_with_statistics(
     gives. The residuals are x itself (in its own dtype), μ and 1/σ: x̂ is recomputed, not
     stored; for rows (``statistics.uses_rows``: layer and RMS norm over 4096 rows or more) only
     x, and the backward pass recomputes μ and 1/σ too, which lets XLA keep each pass in one loop
-    per row. Second-order reverse mode differentiates the backward rule; forward mode
-    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available through a custom VJP, so
-    ``fused=False`` computes the same forward pass and leaves the derivatives to autodiff.
+    per row. Second order (``jax.hessian``: forward over reverse; reverse over reverse)
+    differentiates the backward rule; forward mode first (``jax.jvp``, ``jax.jacfwd``) is not
+    available through a custom VJP (a clear error says so), so ``fused=False`` computes the same
+    forward pass and leaves the derivatives to autodiff. A closed-form custom JVP instead, from
+    which JAX would derive reverse mode by transposition, was measured and rejected: on layer norm
+    of (8192, 1024) on CPU its training step took 1.65× (float32) to 1.9× (bfloat16) the time of
+    this custom VJP and 4× (128 against 32 MiB) to 2.7× the XLA temporary memory, since JAX keeps
+    x̂ in float32 as a residual where this rule keeps x.
     """
     eps = jnp.asarray(eps, compute_dtype(x.dtype))
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
@@ -200,7 +205,18 @@ def normalize_with_statistics(
     # the cotangents of replicated operands are this participant's shares (varying), so the
     # operands enter varying and JAX sums the shares when it transposes the cast
     scale, bias, eps = (None if v is None else collective.match_varying(v, x) for v in (scale, bias, eps))
-    return _fused(x, scale, bias, mask, eps, axes, names, groups, center)
+    try:
+        return _fused(x, scale, bias, mask, eps, axes, names, groups, center)
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            "bnjax: forward-mode differentiation (jax.jvp, jax.jacfwd) of a layer with the fused "
+            "backward pass (the default) is not available: it is a custom VJP, which JAX differentiates "
+            "in reverse mode first. Pass fused_backward=False to this call (same forward pass, "
+            "derivatives by autodiff, every mode). jax.grad and jax.hessian (forward over reverse) "
+            "work with the fused pass."
+        ) from e
 
 
 def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
