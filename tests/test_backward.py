@@ -260,7 +260,7 @@ def test_forward_mode_needs_fused_backward_false():
     p = params(6)
     stats = bnjax.init_stats(6)
     f = lambda fb: lambda x: bnjax.batch_norm(x, p, stats, training=True, fused_backward=fb)[0]  # noqa: E731
-    with pytest.raises(TypeError, match="forward-mode differentiation .* fused_backward=False"):
+    with pytest.raises(TypeError, match=r"forward-mode differentiation .* fused_backward=False"):
         jax.jvp(f(True), (x,), (x,))
     for name in ("layer_norm", "rms_norm"):
         method = getattr(bnjax, name)
