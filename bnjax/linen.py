@@ -157,8 +157,9 @@ class LayerNorm(_Normalization):
     feature_axes: Axes = -1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
 
 
 class GroupNorm(_Normalization):
@@ -179,8 +180,9 @@ class GroupNorm(_Normalization):
     group_size: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.group_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.group_norm(self, x, _affine(self, (jnp.shape(x)[-1],)), mask)
 
 
 class InstanceNorm(_Normalization):
@@ -197,8 +199,9 @@ class InstanceNorm(_Normalization):
     """
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.instance_norm(self, x, _affine(self, (jnp.shape(x)[-1],)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.instance_norm(self, x, _affine(self, (jnp.shape(x)[-1],)), mask)
 
 
 class RMSNorm(_Normalization):
@@ -219,8 +222,9 @@ class RMSNorm(_Normalization):
     reduction_axes: Axes = -1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.reduction_axes)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.reduction_axes)), mask)
 
 
 # ---------------------------------------------------------------------------------------------

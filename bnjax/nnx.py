@@ -142,8 +142,9 @@ class LayerNorm(nnx.Module):
         self.reduction_axes, self.feature_axes, self.use_fast_variance = reduction_axes, feature_axes, use_fast_variance
         self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.layer_norm(self, x, NormParams(_value(self.scale), _value(self.bias)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.layer_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
 
 class GroupNorm(nnx.Module):
@@ -180,8 +181,9 @@ class GroupNorm(nnx.Module):
         shells.num_groups(self, num_features)  # validate at construction
         self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.group_norm(self, x, NormParams(_value(self.scale), _value(self.bias)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.group_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
 
 class InstanceNorm(nnx.Module):
@@ -219,8 +221,9 @@ class InstanceNorm(nnx.Module):
         )
         self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.instance_norm(self, x, NormParams(_value(self.scale), _value(self.bias)))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.instance_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
 
 class RMSNorm(nnx.Module):
@@ -253,8 +256,9 @@ class RMSNorm(nnx.Module):
         self.reduction_axes, self.use_fast_variance = reduction_axes, use_fast_variance
         self.scale, _ = _params((num_features,), rngs, use_scale, False, scale_init, _zeros, param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return shells.rms_norm(self, x, NormParams(_value(self.scale), None))
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return shells.rms_norm(self, x, NormParams(_value(self.scale), None), mask)
 
 
 # ---------------------------------------------------------------------------------------------

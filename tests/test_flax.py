@@ -327,3 +327,30 @@ def test_linen_inside_shard_map():
     )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(upd["batch_stats"]["var"], stats.var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"])
+def test_shells_take_a_mask_at_call_time_like_flax(name):
+    # Flax's normalization layers take mask= at call time; bnjax's shells (linen and nnx) must
+    # give the same outputs at the valid positions, with NaN padding changing nothing there
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 5, 8)).astype(np.float32) * 2 + 1
+    mask = rng.random((3, 4, 5, 8)) > 0.3
+    if name in ("GroupNorm", "InstanceNorm"):
+        mask = np.broadcast_to(rng.random((3, 4, 5, 1)) > 0.3, x.shape).copy()
+    poisoned = np.where(mask, x, np.nan).astype(np.float32)
+    kw = {"num_groups": 2} if name == "GroupNorm" else {}
+    flax_layer = getattr(nn, name)(**kw)
+    variables = flax_layer.init(jax.random.key(0), x)
+    expected = np.asarray(flax_layer.apply(variables, x, mask=jnp.asarray(mask)))
+    ours = getattr(bnjax.linen, name)(**kw)
+    for values in (x, poisoned):
+        got = np.asarray(ours.apply(variables, jnp.asarray(values), mask=jnp.asarray(mask)))
+        np.testing.assert_allclose(got[mask], expected[mask], atol=2e-5, rtol=2e-5)
+    flax_nnx = getattr(nnx, name)(8, rngs=nnx.Rngs(0), **kw)
+    ours_nnx = getattr(bnjax.nnx, name)(8, rngs=nnx.Rngs(0), **kw)
+    expected_nnx = np.asarray(flax_nnx(jnp.asarray(x), mask=jnp.asarray(mask)))
+    got_nnx = np.asarray(ours_nnx(jnp.asarray(poisoned), mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got_nnx[mask], expected_nnx[mask], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="mask"):
+        ours.apply(variables, jnp.asarray(x), mask=jnp.asarray(mask[..., 0]))

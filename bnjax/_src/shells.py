@@ -77,10 +77,11 @@ def batch_norm(
     return _out(cfg, y), new
 
 
-def layer_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
+def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
     y = methods.layer_norm(
         x,
         params,
+        mask=mask,
         axis=cfg.reduction_axes,
         feature_axis=cfg.feature_axes,
         eps=cfg.epsilon,
@@ -105,29 +106,38 @@ def num_groups(cfg: Any, channels: int) -> int:
     return cfg.num_groups
 
 
-def group_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
+def group_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
     g = num_groups(cfg, x.shape[-1])
     return _out(
         cfg,
         methods.group_norm(
-            x, params, num_groups=g, eps=cfg.epsilon, activation=cfg.activation, fused_backward=cfg.fused_backward
+            x,
+            params,
+            num_groups=g,
+            eps=cfg.epsilon,
+            activation=cfg.activation,
+            mask=mask,
+            fused_backward=cfg.fused_backward,
         ),
     )
 
 
-def instance_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
+def instance_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
     return _out(
         cfg,
-        methods.instance_norm(x, params, eps=cfg.epsilon, activation=cfg.activation, fused_backward=cfg.fused_backward),
+        methods.instance_norm(
+            x, params, eps=cfg.epsilon, activation=cfg.activation, mask=mask, fused_backward=cfg.fused_backward
+        ),
     )
 
 
-def rms_norm(cfg: Any, x: jax.Array, params: NormParams) -> jax.Array:
+def rms_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
     return _out(
         cfg,
         methods.rms_norm(
             x,
             params,
+            mask=mask,
             axis=cfg.reduction_axes,
             eps=cfg.epsilon,
             activation=cfg.activation,
