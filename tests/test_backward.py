@@ -247,7 +247,7 @@ def test_only_x_is_kept_for_the_backward_pass(name, dtype):
     kept = _big_residuals(_loss(name, True), x, p, size=size)
     if name == "batch_norm_2d_masked":  # the gelu after the layer keeps its input, as it would anyway
         kept = [k for k in kept if "argument" in k[1]]
-    if name.startswith(("group_norm", "instance_norm")):  # x reshaped to (N, ..., groups, C/G, ...): no copy
+    if name.startswith("group_norm"):  # x reshaped to (N, ..., groups, C/G, ...): no copy
         assert len(kept) == 1 and kept[0][0] == dtype and "reshape" in kept[0][1] and "_grouped" in kept[0][1]
     else:
         assert kept == [(jnp.dtype(dtype), "from the argument x")]

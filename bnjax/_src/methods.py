@@ -49,6 +49,17 @@ def _require_several(size: int, what: str, method: str) -> None:
         )
 
 
+def _participants(axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None) -> int:
+    """How many participants share each statistic: 1 without ``axis_name``; the smallest group with
+    ``axis_index_groups``."""
+    if axis_name is None:
+        return 1
+    size = collective.axis_size(axis_name)
+    if axis_index_groups is None:
+        return size
+    return int(collective.group_matrix(axis_index_groups, size).sum(1).min())
+
+
 def batch_norm(
     x: ArrayLike,
     params: NormParams | None,
@@ -256,15 +267,7 @@ def _batch_norm(
             mean = jax.lax.stop_gradient(stats.mean).reshape(bshape)
             var = None if mean_only else jax.lax.stop_gradient(stats.var).reshape(bshape)
             return apply_normalization(x, mean, var, scale, bias, eps, activation), stats
-        per_feature = 1
-        for a in reduce:
-            per_feature *= x.shape[a]
-        if axis_name is not None:
-            size = collective.axis_size(axis_name)
-            if axis_index_groups is None:
-                per_feature *= size
-            else:
-                per_feature *= int(collective.group_matrix(axis_index_groups, size).sum(1).min())
+        per_feature = statistics.reduced_size(x.shape, reduce) * _participants(axis_name, axis_index_groups)
         _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
         if mean_only:  # σ = 1: autodiff of a mean subtraction is already minimal
             batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
@@ -298,6 +301,8 @@ def layer_norm(
     activation: Activation | None = None,
     feature_axis: Axes | None = None,
     mask: ArrayLike | None = None,
+    axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Layer normalization: statistics over the features of each example.
@@ -320,6 +325,12 @@ def layer_norm(
         normalizing over (H, W, C) (Flax's ``feature_axes``).
       mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid: the
         statistics of each row are over its valid elements only (see "Masks" in the README).
+      axis_name: mapped axis name(s) over which ``axis`` is split (a hidden axis sharded under
+        ``shard_map``/``pmap``, tensor parallelism): each statistic then runs over the elements
+        of every participant, with one all-reduce forward and one backward. ``None`` under plain
+        ``jit`` (sharded or not: XLA reduces across shards itself).
+      axis_index_groups: optional partition of the participants of ``axis_name`` into groups
+        that each hold one whole row.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -341,11 +352,44 @@ def layer_norm(
     feature_shape = tuple(x.shape[a] for a in feat)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
     mask = check_mask(mask, x)
-    size = statistics.reduced_size(x.shape, axes)
+    size = statistics.reduced_size(x.shape, axes) * _participants(axis_name, axis_index_groups)
     _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
-    with jax.named_scope("bnjax.layer_norm"):
+    return _per_row(
+        x, params, feat, axes, eps, activation, mask, axis_name, axis_index_groups, fused_backward, "layer_norm"
+    )
+
+
+def _per_row(
+    x: jax.Array,
+    params: NormParams,
+    feat: tuple[int, ...],
+    reduce: tuple[int, ...],
+    eps,
+    activation: Activation | None,
+    mask: jax.Array | None,
+    axis_name: collective.AxisName | None,
+    axis_index_groups: collective.Groups | None,
+    fused: bool,
+    method: str,
+    center: bool = True,
+) -> jax.Array:
+    """The shared tail of layer, instance and RMS norm: g and b laid out on the feature axes
+    ``feat``, one statistic per position of the axes not in ``reduce``."""
+    feature_shape = tuple(x.shape[a] for a in feat)
+    with jax.named_scope(f"bnjax.{method}"):
         scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
-        y = normalize_with_statistics(x, scale, bias, axes, eps, mask=mask, fused=fused_backward)[0]
+        y = normalize_with_statistics(
+            x,
+            scale,
+            bias,
+            reduce,
+            eps,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            center=center,
+            fused=fused,
+        )[0]
         return _activate(y, activation)
 
 
@@ -354,40 +398,70 @@ def _grouped(
     params: NormParams,
     num_groups: int,
     axis: int,
+    reduce: tuple[int, ...],
     eps,
     activation,
     mask: jax.Array | None,
+    axis_name,
+    axis_index_groups,
     fused: bool,
     what: str,
     method: str,
 ) -> jax.Array:
-    """Group-wise normalization: split channels into groups, statistics per (example, group).
-    ``what`` names the elements of one statistic in the single-element error."""
+    """Group-wise normalization: split channels into groups, one statistic per group and position
+    of the axes not in ``reduce`` (axes of x, the channel axis excluded). ``what`` names the
+    elements of one statistic in the single-element error."""
     channels = x.shape[axis]
     split = (num_groups, channels // num_groups)
     shape = x.shape[:axis] + split + x.shape[axis + 1 :]
     xg = x.reshape(shape)
-    reduce = tuple(a for a in range(1, xg.ndim) if a != axis)
-    _require_several(statistics.reduced_size(xg.shape, reduce), what, method)
+    # the axes of xg: those of x, with the channel axis split into (group, member)
+    reduce_g = tuple(a if a < axis else a + 1 for a in reduce) + (axis + 1,)
+    size = statistics.reduced_size(xg.shape, reduce_g) * _participants(axis_name, axis_index_groups)
+    _require_several(size, what, method)
     if mask is not None:  # the mask's channel axis is split like x's (or stays broadcast)
         mask_split = split if mask.shape[axis] == channels else (1, 1)
         mask = mask.reshape(mask.shape[:axis] + mask_split + mask.shape[axis + 1 :])
     pshape = broadcast_shape_for(split, (axis, axis + 1), xg.ndim)
     scale, bias = _affine(params, pshape)
-    y = normalize_with_statistics(xg, scale, bias, reduce, eps, mask=mask, fused=fused)[0]
+    y = normalize_with_statistics(
+        xg,
+        scale,
+        bias,
+        tuple(sorted(reduce_g)),
+        eps,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        fused=fused,
+    )[0]
     return _activate(y, activation).reshape(x.shape)
 
 
-def _channel_axis(x: jax.Array, axis: int, method: str) -> int:
-    if x.ndim < 2:
+def _channel_axis(x: jax.Array, axis: int, method: str, batch_axis: bool = True) -> int:
+    if x.ndim < 2 and batch_axis:
         raise ValueError(f"{method} needs x with a leading batch axis and a channel axis, got shape {x.shape}.")
     (ax,) = canonical_axes(axis, x.ndim, shape=x.shape)
-    if ax == 0:
+    if ax == 0 and batch_axis:
         raise ValueError(
             f"{method}: axis={axis} selects axis 0, which is the batch axis (statistics are per "
             "example): use axis=-1 for (N, ..., C) or axis=1 for (N, C, ...)."
         )
     return ax
+
+
+def _reduction_axes(x: jax.Array, channel: int, reduction_axes: Axes | None, method: str) -> tuple[int, ...]:
+    """The axes of x a statistic runs over besides the channels: by default all but 0 and the
+    channel axis; given ones are checked (in range, no repeats, not the channel axis)."""
+    if reduction_axes is None:
+        return tuple(a for a in range(1, x.ndim) if a != channel)
+    reduce = canonical_axes(reduction_axes, x.ndim, name="reduction_axes", shape=x.shape)
+    if channel in reduce:
+        raise ValueError(
+            f"{method}: reduction_axes={reduction_axes!r} includes the channel axis {channel} of x {x.shape}; "
+            "the group's channels are always reduced: list only the other axes."
+        )
+    return reduce
 
 
 def group_norm(
@@ -399,6 +473,9 @@ def group_norm(
     eps: float = 1e-5,
     activation: Activation | None = None,
     mask: ArrayLike | None = None,
+    reduction_axes: Axes | None = None,
+    axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Group normalization: per example, statistics over each group of channels and all spatial axes.
@@ -420,6 +497,13 @@ def group_norm(
       activation: optional f.
       mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
         statistics over the valid elements of each (example, group) only.
+      reduction_axes: the axes of x each statistic runs over besides the group's channels
+        (default: every axis but 0 and ``axis``). Leave out more axes to keep them apart, e.g.
+        ``(2, 3)`` on (N, T, H, W, C) for a statistic per example and frame; include 0 for
+        unbatched input.
+      axis_name: mapped axis name(s) over which the reduced axes are split (e.g. the spatial
+        axes sharded under ``shard_map``): statistics over every participant's elements.
+      axis_index_groups: optional partition of the participants of ``axis_name`` into groups.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -435,7 +519,8 @@ def group_norm(
       Wu & He 2018, "Group Normalization".
     """
     x = check_floating(x)
-    ax = _channel_axis(x, axis, "group_norm")
+    ax = _channel_axis(x, axis, "group_norm", batch_axis=reduction_axes is None)
+    reduce = _reduction_axes(x, ax, reduction_axes, "group_norm")
     check_eps(eps, statistics.compute_dtype(x.dtype))
     channels = x.shape[ax]
     divisors = [g for g in range(1, channels + 1) if channels % g == 0]
@@ -445,36 +530,57 @@ def group_norm(
         raise ValueError(f"num_groups={num_groups} does not divide {where}: use one of {divisors}.")
     params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
     mask = check_mask(mask, x)
-    spatial = x.shape[1:ax] + x.shape[ax + 1 :]
-    what = f"{channels // num_groups} channel(s) per group × spatial {spatial}"
+    spatial = tuple(x.shape[a] for a in reduce)
+    what = f"{channels // num_groups} channel(s) per group × {spatial} over the axes {reduce}"
     with jax.named_scope("bnjax.group_norm"):
-        return _grouped(x, params, num_groups, ax, eps, activation, mask, fused_backward, what, "group_norm")
+        return _grouped(
+            x,
+            params,
+            num_groups,
+            ax,
+            reduce,
+            eps,
+            activation,
+            mask,
+            axis_name,
+            axis_index_groups,
+            fused_backward,
+            what,
+            "group_norm",
+        )
 
 
 def instance_norm(
     x: ArrayLike,
     params: NormParams | None,
     *,
-    axis: int = -1,
+    axis: Axes = -1,
     eps: float = 1e-5,
     activation: Activation | None = None,
     mask: ArrayLike | None = None,
+    axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Instance normalization: statistics over the spatial axes, per example and channel.
 
-    Math: for example n and channel c, μ_nc, σ²_nc over the spatial positions;
-    y = f( g_c · (x − μ_nc)/√(σ²_nc + ε) + b_c ). Equal to ``group_norm`` with G = C.
+    Math: for example n and channel c, μ_nc, σ²_nc over the spatial positions (every axis but 0
+    and the channel axes); y = f( g_c · (x − μ_nc)/√(σ²_nc + ε) + b_c ). Equal to ``group_norm``
+    with G = C.
 
     Args:
       x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``) with at least one
         spatial axis of total size > 1.
-      params: ``NormParams`` of shape (C,) (or ``None``).
-      axis: channel axis (not 0).
+      params: ``NormParams`` of the channel shape, (C,) (or ``None``).
+      axis: the channel axis, or several (a tuple, e.g. ``(1, 2)``: one statistic and one g, b per
+        entry of those axes); never axis 0, the batch axis.
       eps: ε > 0.
       activation: optional f.
       mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
         statistics over the valid spatial positions of each (example, channel) only.
+      axis_name: mapped axis name(s) over which the spatial axes are split: statistics over every
+        participant's positions.
+      axis_index_groups: optional partition of the participants of ``axis_name`` into groups.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -491,14 +597,26 @@ def instance_norm(
       Stylization".
     """
     x = check_floating(x)
-    ax = _channel_axis(x, axis, "instance_norm")
+    if x.ndim < 2:
+        raise ValueError(f"instance_norm needs x with a leading batch axis and a channel axis, got shape {x.shape}.")
+    feat = canonical_axes(axis, x.ndim, shape=x.shape)
+    if 0 in feat:
+        raise ValueError(
+            f"instance_norm: axis={axis!r} includes axis 0 of x {x.shape}. The channel axes cannot "
+            "include the leading dimension as this is assumed to be the batch axis. Use axis=-1 for "
+            "(N, ..., C) or axis=1 for (N, C, ...)."
+        )
     check_eps(eps, statistics.compute_dtype(x.dtype))
-    channels = x.shape[ax]
-    params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    feature_shape = tuple(x.shape[a] for a in feat)
+    params = check_params(params, feature_shape, f"the channel axis {axis!r} of x {x.shape}")
     mask = check_mask(mask, x)
-    what = f"the spatial axes of x {x.shape} (channel axis {axis}) hold one position"
-    with jax.named_scope("bnjax.instance_norm"):
-        return _grouped(x, params, channels, ax, eps, activation, mask, fused_backward, what, "instance_norm")
+    reduce = tuple(a for a in range(1, x.ndim) if a not in feat)
+    size = statistics.reduced_size(x.shape, reduce) * _participants(axis_name, axis_index_groups)
+    what = f"the spatial axes of x {x.shape} (channel axis {axis!r}) hold one position"
+    _require_several(size, what, "instance_norm")
+    return _per_row(
+        x, params, feat, reduce, eps, activation, mask, axis_name, axis_index_groups, fused_backward, "instance_norm"
+    )
 
 
 def rms_norm(
@@ -509,6 +627,9 @@ def rms_norm(
     eps: float = 1e-6,
     activation: Activation | None = None,
     mask: ArrayLike | None = None,
+    feature_axis: Axes | None = None,
+    axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Root-mean-square normalization: σ² = E[x²] over the features, no centering (μ = 0).
@@ -524,6 +645,13 @@ def rms_norm(
       activation: optional f.
       mask: optional boolean array of x's rank (dims 1 or equal to x's), True = valid:
         E[x²] over the valid elements of each row only.
+      feature_axis: the axes g and b vary over; default ``axis`` (as ``layer_norm``).
+      axis_name: mapped axis name(s) over which ``axis`` is split (a hidden axis sharded under
+        ``shard_map``/``pmap``, tensor parallelism): each statistic then runs over the elements
+        of every participant, with one all-reduce forward and one backward. ``None`` under plain
+        ``jit`` (sharded or not: XLA reduces across shards itself).
+      axis_index_groups: optional partition of the participants of ``axis_name`` into groups
+        that each hold one whole row.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -540,11 +668,23 @@ def rms_norm(
     """
     x = check_floating(x)
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
+    feat = axes if feature_axis is None else canonical_axes(feature_axis, x.ndim, name="feature_axis", shape=x.shape)
     check_eps(eps, statistics.compute_dtype(x.dtype))
-    feature_shape = tuple(x.shape[a] for a in axes)
+    feature_shape = tuple(x.shape[a] for a in feat)
     params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
     mask = check_mask(mask, x)
-    with jax.named_scope("bnjax.rms_norm"):
-        scale, bias = _affine(params, broadcast_shape_for(feature_shape, axes, x.ndim))
-        y = normalize_with_statistics(x, scale, bias, axes, eps, mask=mask, center=False, fused=fused_backward)[0]
-        return _activate(y, activation)
+    _participants(axis_name, axis_index_groups)  # a clear error for an unbound name, here too
+    return _per_row(
+        x,
+        params,
+        feat,
+        axes,
+        eps,
+        activation,
+        mask,
+        axis_name,
+        axis_index_groups,
+        fused_backward,
+        "rms_norm",
+        center=False,
+    )
