@@ -51,6 +51,8 @@ class _Normalization(nn.Module):
     use_scale: bool = True
     bias_init: Initializer = nn.initializers.zeros
     scale_init: Initializer = nn.initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     activation: Callable[[jax.Array], jax.Array] | None = None
@@ -162,7 +164,7 @@ class LayerNorm(_Normalization):
         return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
 
 
-class GroupNorm(_Normalization):
+class GroupNorm(nn.Module):
     """Group normalization (Wu & He 2018) as a linen module; see ``bnjax.group_norm``.
 
     Math: per example, μ, σ² over each group of channels and the spatial axes; g, b per channel.
@@ -176,8 +178,23 @@ class GroupNorm(_Normalization):
       (8,)
     """
 
+    # Flax's field order (num_groups first: GroupNorm(8) is eight groups), then the shared fields
     num_groups: int | None = 32
     group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+    fused_backward: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
@@ -188,7 +205,8 @@ class GroupNorm(_Normalization):
 class InstanceNorm(_Normalization):
     """Instance normalization (Ulyanov et al. 2016) as a linen module; see ``bnjax.instance_norm``.
 
-    Math: per example and channel, μ, σ² over the spatial axes; channels last; ε = 1e-6 as Flax.
+    Math: per example and channel, μ, σ² over the spatial axes (every axis but the batch axis 0
+    and ``feature_axes``, default -1: channels last); g, b over ``feature_axes``; ε = 1e-6 as Flax.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -198,17 +216,19 @@ class InstanceNorm(_Normalization):
       (2, 4, 4, 3)
     """
 
+    feature_axes: Axes = -1
+
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
         """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.instance_norm(self, x, _affine(self, (jnp.shape(x)[-1],)), mask)
+        return shells.instance_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
 
 
 class RMSNorm(_Normalization):
     """RMS normalization (Zhang & Sennrich 2019) as a linen module; see ``bnjax.rms_norm``.
 
-    Math: y = f(g·x/√(mean(x²) + ε) + b) over ``reduction_axes``; b only with ``use_bias=True``
-    (Flax's RMSNorm has none); ε = 1e-6.
+    Math: y = f(g·x/√(mean(x²) + ε) + b), the mean over ``reduction_axes``; g (and b) over
+    ``feature_axes``; b only with ``use_bias=True`` (Flax's RMSNorm has none); ε = 1e-6.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -220,11 +240,12 @@ class RMSNorm(_Normalization):
 
     use_bias: bool = False  # no re-shift by default, as Flax (which has no bias at all)
     reduction_axes: Axes = -1
+    feature_axes: Axes = -1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
         """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.reduction_axes)), mask)
+        return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
 
 
 # ---------------------------------------------------------------------------------------------

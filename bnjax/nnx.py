@@ -10,7 +10,8 @@ keywords with Flax's meanings and defaults; ``BatchNorm`` is in training mode by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -25,16 +26,12 @@ Initializer = Callable[..., Any]
 Axes = int | Sequence[int]
 _zeros, _ones = nnx.initializers.zeros, nnx.initializers.ones
 _lecun_normal = nnx.initializers.lecun_normal()
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+PromoteDtype = Callable[..., Any]  # Flax's promote_dtype signature: fn(arrays, *, dtype) -> arrays
 
 
 def _value(v: nnx.Variable | None) -> jax.Array | None:
     return None if v is None else v[...]
-
-
-def _params(shape, rngs, use_scale, use_bias, scale_init, bias_init, param_dtype):
-    scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale else None
-    bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else None
-    return scale, bias
 
 
 class BatchNorm(nnx.Module):
@@ -60,7 +57,7 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        use_running_average: bool = False,
+        use_running_average: bool | None = False,
         axis: int = -1,
         momentum: float | None = 0.99,
         epsilon: float = 1e-5,
@@ -73,6 +70,9 @@ class BatchNorm(nnx.Module):
         axis_name: str | tuple[str, ...] | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtype | None = None,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         debias: bool = False,
         unbiased_running_var: bool = False,
@@ -86,9 +86,12 @@ class BatchNorm(nnx.Module):
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance
         self.activation, self.debias, self.unbiased_running_var = activation, debias, unbiased_running_var
-        self.track_updates = track_updates
+        self.track_updates, self.promote_dtype = track_updates, promote_dtype
+        self.num_features, self.param_dtype = num_features, param_dtype
+        self.use_scale, self.use_bias = use_scale, use_bias
         shape = (num_features,)
-        self.scale, self.bias = _params(shape, rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata) if use_scale else None
+        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata) if use_bias else None
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         track = shells.tracks_updates(self)
@@ -97,6 +100,13 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
         use_ra = self.use_running_average if use_running_average is None else use_running_average
+        if use_ra is None:
+            raise ValueError(
+                "BatchNorm: use_running_average is None both in the constructor and in the call; say which "
+                "statistics to use: BatchNorm(..., use_running_average=False) for training (batch statistics), "
+                "True for evaluation (running statistics), or pass it to the call, or switch with "
+                "model.train() / model.eval()."
+            )
         count = _value(self.count)
         stats = BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32) if count is None else count)
         stats = stats._replace(skipped=_value(self.skipped))
@@ -108,9 +118,48 @@ class BatchNorm(nnx.Module):
                 self.count[...], self.skipped[...] = new.count, new.skipped
         return y
 
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view(model, use_running_average=...)``, as Flax's BatchNorm."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
-class LayerNorm(nnx.Module):
+
+class _Normalization(nnx.Module):
+    """What the per-example shells share: configuration under Flax's attribute names, g and b as
+    ``nnx.Param`` (with Flax's ``scale_metadata``/``bias_metadata``, e.g. sharding), and the call."""
+
+    _method: Callable[..., jax.Array]
+
+    def _configure(
+        self,
+        shape: tuple[int, ...],
+        rngs: nnx.Rngs,
+        *,
+        use_scale: bool,
+        use_bias: bool,
+        scale_init: Initializer,
+        bias_init: Initializer,
+        param_dtype: Any,
+        scale_metadata: Mapping[str, Any],
+        bias_metadata: Mapping[str, Any],
+        **config: Any,
+    ) -> None:
+        for name, value in config.items():
+            setattr(self, name, value)
+        self.use_scale, self.use_bias, self.param_dtype = use_scale, use_bias, param_dtype
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata) if use_scale else None
+        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata) if use_bias else None
+
+    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
+        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
+        return type(self)._method(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
+
+
+class LayerNorm(_Normalization):
     """Layer normalization (Ba et al. 2016) as an NNX module; see ``bnjax.layer_norm``.
+
+    Math: y = f(g·(x − μ)/√(σ² + ε) + b), μ, σ² over ``reduction_axes`` of each example, g and b of
+    shape ``(num_features,)`` on ``feature_axes``. Keywords and defaults as ``flax.nnx.LayerNorm``.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -118,6 +167,8 @@ class LayerNorm(nnx.Module):
       >>> bnjax.nnx.LayerNorm(5, rngs=nnx.Rngs(0))(jnp.ones((2, 5))).shape
       (2, 5)
     """
+
+    _method = shells.layer_norm
 
     def __init__(
         self,
@@ -132,23 +183,46 @@ class LayerNorm(nnx.Module):
         scale_init: Initializer = _ones,
         reduction_axes: Axes = -1,
         feature_axes: Axes = -1,
+        axis_name: str | tuple[str, ...] | None = None,
+        axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtype | None = None,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward = fused_backward
-        self.epsilon, self.dtype, self.activation = epsilon, dtype, activation
-        self.reduction_axes, self.feature_axes, self.use_fast_variance = reduction_axes, feature_axes, use_fast_variance
-        self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
+        self._configure(
+            (num_features,),
+            rngs,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+            num_features=num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            activation=activation,
+            fused_backward=fused_backward,
+        )
 
-    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
-        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.layer_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
-
-class GroupNorm(nnx.Module):
+class GroupNorm(_Normalization):
     """Group normalization (Wu & He 2018) as an NNX module; see ``bnjax.group_norm``.
+
+    Math: per example, μ, σ² over each group of channels (channels last) and the other axes of
+    ``reduction_axes`` (Flax's meaning: the axes of one statistic, -1 among them; default every axis
+    but the batch axis 0); g, b per channel. ``num_groups`` (default 32) or ``group_size``.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -156,6 +230,8 @@ class GroupNorm(nnx.Module):
       >>> bnjax.nnx.GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0))(jnp.ones((2, 4, 4, 8))).shape
       (2, 4, 4, 8)
     """
+
+    _method = shells.group_norm
 
     def __init__(
         self,
@@ -170,24 +246,47 @@ class GroupNorm(nnx.Module):
         use_scale: bool = True,
         bias_init: Initializer = _zeros,
         scale_init: Initializer = _ones,
+        reduction_axes: Axes | None = None,
+        axis_name: str | tuple[str, ...] | None = None,
+        axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtype | None = None,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward = fused_backward
-        self.num_groups, self.group_size, self.epsilon, self.dtype = num_groups, group_size, epsilon, dtype
-        self.activation, self.use_fast_variance = activation, use_fast_variance
-        shells.num_groups(self, num_features)  # validate at construction
-        self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
+        self.num_groups, self.group_size = num_groups, group_size
+        self.num_groups = shells.num_groups(self, num_features)  # validated at construction, as Flax
+        self._configure(
+            (num_features,),
+            rngs,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+            num_features=num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            reduction_axes=reduction_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            activation=activation,
+            fused_backward=fused_backward,
+        )
 
-    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
-        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.group_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
-
-class InstanceNorm(nnx.Module):
+class InstanceNorm(_Normalization):
     """Instance normalization (Ulyanov et al. 2016) as an NNX module; see ``bnjax.instance_norm``.
+
+    Math: per example and channel, μ, σ² over every axis but the batch axis 0 and ``feature_axes``
+    (default -1, channels last); g, b of shape ``(num_features,)`` on ``feature_axes``.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -195,6 +294,8 @@ class InstanceNorm(nnx.Module):
       >>> bnjax.nnx.InstanceNorm(3, rngs=nnx.Rngs(0))(jnp.ones((2, 4, 4, 3))).shape
       (2, 4, 4, 3)
     """
+
+    _method = shells.instance_norm
 
     def __init__(
         self,
@@ -207,27 +308,45 @@ class InstanceNorm(nnx.Module):
         use_scale: bool = True,
         bias_init: Initializer = _zeros,
         scale_init: Initializer = _ones,
+        feature_axes: Axes = -1,
+        axis_name: str | tuple[str, ...] | None = None,
+        axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtype | None = None,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward = fused_backward
-        self.epsilon, self.dtype, self.activation, self.use_fast_variance = (
-            epsilon,
-            dtype,
-            activation,
-            use_fast_variance,
+        self._configure(
+            (num_features,),
+            rngs,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+            num_features=num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            activation=activation,
+            fused_backward=fused_backward,
         )
-        self.scale, self.bias = _params((num_features,), rngs, use_scale, use_bias, scale_init, bias_init, param_dtype)
-
-    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
-        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.instance_norm(self, x, NormParams(_value(self.scale), _value(self.bias)), mask)
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(_Normalization):
     """RMS normalization (Zhang & Sennrich 2019) as an NNX module; see ``bnjax.rms_norm``.
+
+    Math: y = f(g·x/√(mean(x²) + ε)), the mean over ``reduction_axes``, g of shape
+    ``(num_features,)`` on ``feature_axes``; no bias (as Flax).
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -235,6 +354,8 @@ class RMSNorm(nnx.Module):
       >>> bnjax.nnx.RMSNorm(6, rngs=nnx.Rngs(0))(jnp.ones((2, 6))).shape
       (2, 6)
     """
+
+    _method = shells.rms_norm
 
     def __init__(
         self,
@@ -246,19 +367,38 @@ class RMSNorm(nnx.Module):
         use_scale: bool = True,
         scale_init: Initializer = _ones,
         reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: str | tuple[str, ...] | None = None,
+        axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtype | None = None,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward = fused_backward
-        self.epsilon, self.dtype, self.activation = epsilon, dtype, activation
-        self.reduction_axes, self.use_fast_variance = reduction_axes, use_fast_variance
-        self.scale, _ = _params((num_features,), rngs, use_scale, False, scale_init, _zeros, param_dtype)
-
-    def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
-        """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
-        return shells.rms_norm(self, x, NormParams(_value(self.scale), None), mask)
+        self._configure(
+            (num_features,),
+            rngs,
+            use_scale=use_scale,
+            use_bias=False,
+            scale_init=scale_init,
+            bias_init=_zeros,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=_EMPTY,
+            num_features=num_features,
+            epsilon=epsilon,
+            dtype=dtype,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            activation=activation,
+            fused_backward=fused_backward,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ declare variables; there is no normalization math outside bnjax's functional cor
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -36,23 +37,57 @@ def tracks_updates(cfg: Any) -> bool:
     return cfg.track_updates if cfg.track_updates is not None else needed
 
 
-def _out(cfg: Any, y: jax.Array) -> jax.Array:
-    return y if cfg.dtype is None else y.astype(cfg.dtype)
+def promote(cfg: Any, x: Any, params: NormParams, extra: tuple = ()) -> tuple[jax.Array, NormParams, Any]:
+    """Flax's dtype rule: the output dtype is ``cfg.dtype``, or else the promotion of x's and the
+    parameters' dtypes (bf16 x with float32 g, b gives float32 y, as Flax).
+
+    Returns (x, params, output dtype). x is cast up to the output dtype when that is wider (so a
+    float32 output is not a bf16 result widened), never down: the statistics always come from x as
+    given, in float32. An nnx shell's ``promote_dtype`` function, when set, is called as Flax calls
+    it, on ``(x, *extra, scale, bias)`` with ``dtype=cfg.dtype`` (``extra``: BatchNorm's running
+    mean and var, whose promoted values are not used), and what it returns is used as is.
+    """
+    fn = getattr(cfg, "promote_dtype", None)
+    if fn is not None:
+        out = fn((x, *extra, params.scale, params.bias), dtype=cfg.dtype)
+        x, params = out[0], NormParams(out[-2], out[-1])
+    x = jnp.asarray(x)
+    if cfg.dtype is not None:
+        out_dtype = jnp.dtype(cfg.dtype)
+    else:
+        out_dtype = jnp.result_type(x, *(p for p in params if p is not None))
+    if fn is not None:
+        return x, params, out_dtype
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(out_dtype, jnp.floating):
+        x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+    return x, params, out_dtype
+
+
+def _finish(y: jax.Array, out_dtype: Any) -> jax.Array:
+    return y.astype(out_dtype)
 
 
 def batch_norm(
     cfg: Any, x: jax.Array, params: NormParams, stats: BatchStats, training: bool, mask: Any, initializing: bool = False
 ) -> tuple[jax.Array, BatchStats]:
     """``initializing``: variables are being created, usually outside the transform that binds
-    ``axis_name`` and with a per-device batch that may hold one example; like Flax, nothing is
-    reduced across devices or updated then, so the running statistics normalize (shapes only).
+    ``axis_name``. As Flax, nothing is reduced across devices and nothing is stored then; in
+    training mode x is normalized by its own (local) batch statistics, as it will be in training,
+    unless each statistic would cover a single element (e.g. one example of a dense layer at
+    init), where the running statistics normalize instead (only the shapes matter then).
     ``cfg.mean_only``: mean-only batch norm (σ = 1; ``epsilon`` and ``fused_backward`` unused)."""
+    x, params, out_dtype = promote(cfg, x, params, (stats.mean, stats.var))
+    if initializing and training:
+        feat = canonical_axes(cfg.axis, x.ndim, shape=x.shape)
+        per_statistic = math.prod(n for a, n in enumerate(x.shape) if a not in feat)
+        training = per_statistic > 1
+    sync = not initializing
     common: dict[str, Any] = dict(
-        training=training and not initializing,
+        training=training,
         axis=cfg.axis,
         momentum=cfg.momentum,
-        axis_name=cfg.axis_name,
-        axis_index_groups=cfg.axis_index_groups,
+        axis_name=cfg.axis_name if sync else None,
+        axis_index_groups=cfg.axis_index_groups if sync else None,
         mask=mask,
         activation=cfg.activation,
         debias=cfg.debias,
@@ -74,21 +109,31 @@ def batch_norm(
             fused_backward=cfg.fused_backward,
             **common,
         )
-    return _out(cfg, y), new
+    return _finish(y, out_dtype), new
 
 
-def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
-    y = methods.layer_norm(
+def _per_example(method: Any, cfg: Any, x: Any, params: NormParams, mask: Any, **specific: Any) -> jax.Array:
+    """The call every per-example shell makes: Flax's dtype rule around the functional method,
+    with the configuration the shells share plus the method's own keywords."""
+    x, params, out_dtype = promote(cfg, x, params)
+    y = method(
         x,
         params,
         mask=mask,
-        axis=cfg.reduction_axes,
-        feature_axis=cfg.feature_axes,
         eps=cfg.epsilon,
         activation=cfg.activation,
         fused_backward=cfg.fused_backward,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
+        **specific,
     )
-    return _out(cfg, y)
+    return _finish(y, out_dtype)
+
+
+def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
+    return _per_example(
+        methods.layer_norm, cfg, x, params, mask, axis=cfg.reduction_axes, feature_axis=cfg.feature_axes
+    )
 
 
 def num_groups(cfg: Any, channels: int) -> int:
@@ -106,44 +151,35 @@ def num_groups(cfg: Any, channels: int) -> int:
     return cfg.num_groups
 
 
+def _group_reduction_axes(cfg: Any, x: jax.Array) -> tuple[int, ...] | None:
+    """Flax's GroupNorm ``reduction_axes`` (the axes of one statistic, the channel axis -1 among
+    them) as the functional ``reduction_axes`` (the axes besides the group's channels)."""
+    if cfg.reduction_axes is None:
+        return None
+    axes = canonical_axes(cfg.reduction_axes, x.ndim, name="GroupNorm(reduction_axes)", shape=x.shape)
+    if x.ndim - 1 not in axes:
+        raise ValueError(
+            f"GroupNorm(reduction_axes={cfg.reduction_axes!r}) must include the channel axis (the last "
+            f"axis of x {x.shape}): the statistics of a group always run over its channels. "
+            f"Add -1, e.g. reduction_axes={(*axes, -1)!r}."
+        )
+    return tuple(a for a in axes if a != x.ndim - 1)
+
+
 def group_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
-    g = num_groups(cfg, x.shape[-1])
-    return _out(
-        cfg,
-        methods.group_norm(
-            x,
-            params,
-            num_groups=g,
-            eps=cfg.epsilon,
-            activation=cfg.activation,
-            mask=mask,
-            fused_backward=cfg.fused_backward,
-        ),
+    x = jnp.asarray(x)
+    groups = num_groups(cfg, x.shape[-1])
+    return _per_example(
+        methods.group_norm, cfg, x, params, mask, num_groups=groups, reduction_axes=_group_reduction_axes(cfg, x)
     )
 
 
 def instance_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
-    return _out(
-        cfg,
-        methods.instance_norm(
-            x, params, eps=cfg.epsilon, activation=cfg.activation, mask=mask, fused_backward=cfg.fused_backward
-        ),
-    )
+    return _per_example(methods.instance_norm, cfg, x, params, mask, axis=cfg.feature_axes)
 
 
 def rms_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
-    return _out(
-        cfg,
-        methods.rms_norm(
-            x,
-            params,
-            mask=mask,
-            axis=cfg.reduction_axes,
-            eps=cfg.epsilon,
-            activation=cfg.activation,
-            fused_backward=cfg.fused_backward,
-        ),
-    )
+    return _per_example(methods.rms_norm, cfg, x, params, mask, axis=cfg.reduction_axes, feature_axis=cfg.feature_axes)
 
 
 def feature_shape(x: jax.Array, axes: Any) -> tuple[int, ...]:
