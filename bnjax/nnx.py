@@ -5,7 +5,10 @@ attribute names (``scale``, ``bias`` as ``nnx.Param``; ``mean``, ``var`` as ``nn
 keywords with Flax's meanings and defaults; ``BatchNorm`` is in training mode by default and
 ``model.eval()`` / ``model.train()`` switch it, as in ``flax.nnx``. bnjax's extras are keywords:
 ``activation``; for ``BatchNorm`` also ``debias``, ``unbiased_running_var``,
-``axis_index_groups`` and ``track_updates`` (see ``bnjax.linen``).
+``axis_index_groups`` and ``track_updates`` (see ``bnjax.linen``). ``use_fast_variance`` is
+accepted and ignored: the variance is always the stable one. ``promote_dtype``, when given, is
+called as Flax calls it; by default the output dtype is ``dtype`` or the promotion of x's and the
+parameters' dtypes, as Flax.
 """
 
 from __future__ import annotations
