@@ -252,60 +252,151 @@ class RMSNorm(_Normalization):
 # Statistics from the weights
 
 
-def _reparametrize(module: nn.Module, fn: Callable[[str, jax.Array], jax.Array]) -> Callable[..., Any]:
-    """Applies ``module.layer_instance`` with every filtered parameter v read as ``fn(name, v)``.
+def _reparametrize(module: nn.Module, fn: Callable[[str, tuple[str, ...], jax.Array], jax.Array]) -> Callable[..., Any]:
+    """Applies ``module.layer_instance`` with every leaf v of its ``params`` read as ``fn(name, keys, v)``.
 
-    ``nn.map_variables`` transforms only the view the wrapped layer reads: its stored kernel stays
-    the raw parameter v, and gradients flow to v and to whatever ``fn`` adds.
+    ``name`` is Flax's name for the leaf, ``"<layer name>/<path in the layer>"`` joined by ``/``
+    (a leaf boxed by ``nn.with_partitioning`` ends in ``/value``, the box's field, as in Flax);
+    ``keys`` are the dictionary keys of the path in the layer (without box fields). ``fn`` returns
+    v itself to leave a leaf alone. Boxes (``nn.Partitioned``) keep their metadata: only the leaf
+    inside is transformed.
+
+    ``nn.map_variables`` transforms only the view the wrapped layer reads, and only the ``params``
+    collection (the layer's other collections, e.g. batch statistics, pass through unchanged and
+    stay mutable as usual). As in Flax, ``init`` stores the view's values (the normalized kernel);
+    ``apply`` never writes the wrapped layer's parameters, and gradients flow to v and to
+    whatever ``fn`` adds.
     """
+    prefix = module.layer_instance.name
 
     def view(variables):
         def one(path, v):
-            keys = [str(getattr(k, "key", k)) for k in path]  # (collection, ..., name)
-            if keys[0] != "params" or keys[-1] not in module.variable_filter:
+            if str(getattr(path[0], "key", path[0])) != "params":
                 return v
-            return fn("/".join(keys[1:]), v)
+            name = f"{prefix}/{jax.tree_util.keystr(tuple(path[1:]), simple=True, separator='/')}"
+            keys = tuple(str(k.key) for k in path[1:] if isinstance(k, jax.tree_util.DictKey))
+            return fn(name, keys, v)
 
         return jax.tree_util.tree_map_with_path(one, variables)
 
     def forward(layer, *args, **kwargs):
         return layer(*args, **kwargs)
 
-    return lambda *args, **kwargs: nn.map_variables(forward, trans_in_fn=view, init=module.is_initializing())(
-        module.layer_instance, *args, **kwargs
-    )
+    def call(*args, **kwargs):
+        mapped = nn.map_variables(forward, "params", trans_in_fn=view, init=module.is_initializing())
+        return mapped(module.layer_instance, *args, **kwargs)
+
+    return call
+
+
+def _selected(name: str, variable_filter: Any) -> bool:
+    """Flax's rule: an empty or ``None`` filter selects every leaf, else a leaf is selected when
+    any filter string occurs in its name (``"Dense_0/kernel"``: ``"kernel"``, ``"Dense"`` and
+    ``"0/k"`` all select it)."""
+    return not variable_filter or any(str(f) in name for f in variable_filter)
 
 
 class WeightNorm(nn.Module):
     """Weight normalization (Salimans & Kingma 2016) of a wrapped layer; see ``bnjax.weight_norm``.
 
-    Math: the layer computes with w = g · v/‖v‖ (norm over every axis but ``feature_axis``) for each
-    parameter named in ``variable_filter`` (default: ``kernel``). The layer's own kernel v stays as
-    it is (never overwritten); g is a parameter of this wrapper, ``"<path>/scale"``, initialized to
-    ‖v‖ so that wrapping leaves the layer's output unchanged (PyTorch's behaviour; Flax starts g at 1).
+    A drop-in for ``flax.linen.WeightNorm``: the same fields, the same variable names, the same
+    output for the same variables.
+
+    Math: for each parameter v of the layer selected by ``variable_filter``, the layer computes
+    with
+
+        w = g · v / √(Σ v² + ε)
+
+    the sum running over every axis of v *not* in ``feature_axes`` (default -1: one norm per
+    output unit of a kernel (..., in, out); ``None`` or ``()``: one norm over all of v). g has
+    shape ``tuple(v.shape[a] for a in feature_axes)`` (sorted axes; ``()`` for ``None``) and is
+    a parameter of this wrapper named ``"<layer name>/<path in the layer>/scale"``, e.g.
+    ``"layer_instance/kernel/scale"`` for a layer given as a field, ``"Dense_1/kernel/scale"``
+    for a layer built inside a parent's compact method (Flax's names).
+
+    ``scale_init=None`` (bnjax's default) starts g at √(Σv² + ε) ≈ ‖v‖, so wrapping a layer
+    leaves its output unchanged (PyTorch's convention); Flax's default is
+    ``nn.initializers.ones``, which bnjax gives exactly when passed. ``use_scale=False``: no g,
+    w = v/‖v‖. The result is cast to ``dtype``, or to the promotion of v's and g's dtypes;
+    statistics are computed in float32 or wider.
+
+    ``variable_filter``: the leaves whose name (as above, without ``/scale``) contains any of
+    these strings; empty or ``None``: every parameter (biases too: a 1-D bias with
+    ``feature_axes=-1`` is normalized element by element, w = g·sign(v), as in Flax). A filter
+    that matches nothing leaves the layer unchanged and creates no g (as in Flax). Parameters
+    boxed by ``nn.with_partitioning`` are normalized inside their box (Flax names their g
+    ``".../kernel/value/scale"``, and so does bnjax). Only the ``params`` collection is read:
+    the layer's other collections (e.g. a BatchNorm's statistics) pass through untouched, where
+    Flax would also rescale them.
+
+    As in Flax, ``init`` stores the view the layer computed with (the normalized kernel, equal to
+    v when g starts at ‖v‖); ``apply`` never writes the layer's parameters.
+
+    ``feature_axis`` (bnjax's former name) is an alias of ``feature_axes``.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
       >>> layer = bnjax.linen.WeightNorm(nn.Dense(3))
       >>> x = jnp.ones((2, 4))
       >>> v = layer.init(jax.random.key(0), x)
-      >>> sorted(v["params"])
-      ['kernel/scale', 'layer_instance']
+      >>> jax.tree.map(jnp.shape, v["params"])
+      {'layer_instance': {'bias': (3,), 'kernel': (4, 3)}, 'layer_instance/kernel/scale': (3,)}
       >>> dense = {"params": v["params"]["layer_instance"]}
       >>> bool(jnp.allclose(layer.apply(v, x), nn.Dense(3).apply(dense, x), atol=1e-6))
       True
+      >>> flax_vars = nn.WeightNorm(nn.Dense(3)).init(jax.random.key(0), x)  # a Flax checkpoint
+      >>> flax_like = bnjax.linen.WeightNorm(nn.Dense(3), scale_init=nn.initializers.ones)
+      >>> ys = flax_like.apply(flax_vars, x), nn.WeightNorm(nn.Dense(3)).apply(flax_vars, x)
+      >>> bool(jnp.allclose(*ys, atol=1e-6))
+      True
+
+    References:
+      Salimans & Kingma 2016, "Weight Normalization: A Simple Reparameterization to Accelerate
+      Training of Deep Neural Networks", eq. 2.
     """
 
     layer_instance: nn.Module
-    feature_axis: int = -1
     epsilon: float = 1e-12
-    variable_filter: frozenset[str] = frozenset({"kernel"})
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer | None = None
+    feature_axes: Axes | None = -1
+    variable_filter: Any = frozenset({"kernel"})
+    feature_axis: Axes | None = None  # alias of feature_axes (bnjax's former name)
+
+    def _axes(self) -> Axes | None:
+        if self.feature_axis is None:
+            return self.feature_axes
+        if self.feature_axes != -1:
+            raise ValueError(
+                f"WeightNorm got feature_axis={self.feature_axis!r} and feature_axes={self.feature_axes!r}: "
+                "feature_axis is only an alias of feature_axes (Flax's name); pass feature_axes alone."
+            )
+        return self.feature_axis
 
     @nn.compact
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        def normalize(name: str, v: jax.Array) -> jax.Array:
-            g = self.param(f"{name}/scale", lambda _: weights.weight_norm_init(v, axis=self.feature_axis))
-            return weights.weight_norm(v, g, axis=self.feature_axis, eps=self.epsilon)
+        axes = self._axes()
+
+        def normalize(name: str, keys: tuple[str, ...], v: jax.Array) -> jax.Array:
+            if not _selected(name, self.variable_filter):
+                return v
+            v = jnp.asarray(v)
+            feature = weights._feature_axes(axes, v, f"the parameter {name!r}")
+            g = None
+            if self.use_scale:
+                if self.scale_init is None:
+
+                    def init(_key, shape, dtype):
+                        return weights.weight_norm_init(v, axis=feature, eps=self.epsilon).astype(dtype)
+
+                else:
+                    init = self.scale_init
+                g = self.param(f"{name}/scale", init, tuple(v.shape[a] for a in feature), self.param_dtype)
+            dtype = self.dtype if self.dtype is not None else (v.dtype if g is None else jnp.result_type(v, g))
+            work = v.dtype if g is None else jnp.promote_types(v.dtype, g.dtype)
+            return weights.weight_norm(v.astype(work), g, axis=feature, eps=self.epsilon).astype(dtype)
 
         return _reparametrize(self, normalize)(*args, **kwargs)
 
@@ -332,7 +423,9 @@ class WeightStandardization(nn.Module):
 
     @nn.compact
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        def standardize(name: str, w: jax.Array) -> jax.Array:
+        def standardize(name: str, keys: tuple[str, ...], w: jax.Array) -> jax.Array:
+            if not keys or keys[-1] not in self.variable_filter:
+                return w
             return weights.weight_standardize(w, axis=self.feature_axis, eps=self.epsilon)
 
         return _reparametrize(self, standardize)(*args, **kwargs)
@@ -427,51 +520,125 @@ class CosineConv(nn.Module):
 class SpectralNorm(nn.Module):
     """Spectral normalization (Miyato et al. 2018) of a wrapped layer; see ``bnjax.spectral_norm``.
 
-    Math: the layer computes with w/σ_max(w) for each parameter named in ``variable_filter``;
-    σ_max is estimated by power iteration whose vector u lives in ``batch_stats`` as
-    ``"<path>/u"`` (explicit state, warmed up at init). ``update_stats=True`` (training) runs
-    ``n_steps`` iterations and stores u (make ``batch_stats`` mutable); ``False`` (evaluation)
-    uses the stored u without iterating. The stored kernel stays the raw w.
+    A drop-in for ``flax.linen.SpectralNorm``: the same fields, the same variable names, the same
+    output and state updates for the same variables.
+
+    Math: every parameter w of the layer with at least 2 dimensions (a kernel (in, out); a
+    ≥3-D one is read as the matrix (Π leading, last)) is replaced by w/σ, σ ≈ σ_max(w) from
+    ``n_steps`` steps of power iteration per call, starting from the stored u:
+
+        v ← normalize(u Wᵀ),   u ← normalize(v W),   σ = v W uᵀ   (W = w as (fan_in, out))
+
+    (Flax's order, ``bnjax.spectral_norm(..., sigma_from="v")``; the iteration is under
+    ``stop_gradient``). 1-D parameters are left alone; ``n_steps=0`` normalizes nothing.
+    ``error_on_non_matrix=True`` refuses ≥3-D parameters.
+
+    State, in ``collection_name`` (default ``batch_stats``), per parameter:
+    ``"<layer name>/<path in the layer>/u"`` of shape (1, out), initialized N(0, 1) (as Flax), and
+    ``".../sigma"`` of shape (), initialized 1, both in ``param_dtype``. ``update_stats=True``
+    stores the new u and σ (make the collection mutable); ``update_stats=False`` still runs the
+    iteration from the stored u (as Flax) but stores nothing, so evaluation is deterministic.
+    The result is cast to ``dtype``, or to the promotion of w's and u's dtypes.
+
+    bnjax's extras, off by default: ``n_warmup`` > 0 warms u up at init with that many steps
+    (``bnjax.spectral_norm_init``, unit norm); ``variable_filter`` (as ``WeightNorm``'s; ``None``:
+    every parameter, Flax's behaviour); ``feature_axis``, the output axis of each parameter
+    (default -1, Flax's). Parameters boxed by ``nn.with_partitioning`` are normalized inside
+    their box (state ``".../kernel/value/u"``; Flax fails on them). Only the ``params``
+    collection is normalized (Flax also reads the layer's other collections). As in Flax, a
+    power-iteration step on an all-zero weight sets u to 0, after which σ = 0 and that weight is
+    left unnormalized: a zero-initialized 2-D bias is never normalized.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
       >>> layer = bnjax.linen.SpectralNorm(nn.Dense(3))
-      >>> v = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+      >>> v = layer.init(jax.random.key(0), jnp.ones((2, 4)), update_stats=False)
+      >>> jax.tree.map(jnp.shape, v["batch_stats"])
+      {'layer_instance/kernel/sigma': (), 'layer_instance/kernel/u': (1, 3)}
       >>> y, upd = layer.apply(v, jnp.ones((2, 4)), update_stats=True, mutable=["batch_stats"])
-      >>> sorted(upd["batch_stats"])
-      ['kernel/u']
+      >>> flax_y, flax_upd = nn.SpectralNorm(nn.Dense(3)).apply(
+      ...     v, jnp.ones((2, 4)), update_stats=True, mutable=["batch_stats"])
+      >>> bool(jnp.allclose(y, flax_y, atol=1e-6))
+      True
+
+    References:
+      Miyato, Kataoka, Koyama & Yoshida 2018, "Spectral Normalization for Generative Adversarial
+      Networks", Algorithm 1.
     """
 
     layer_instance: nn.Module
     n_steps: int = 1
-    feature_axis: int = -1
     epsilon: float = 1e-12
-    n_warmup: int = 15
-    variable_filter: frozenset[str] = frozenset({"kernel"})
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    error_on_non_matrix: bool = False
+    collection_name: str = "batch_stats"
+    n_warmup: int = 0
+    variable_filter: Any = None
+    feature_axis: int = -1
 
     @nn.compact
     def __call__(self, *args: Any, update_stats: bool = False, **kwargs: Any) -> Any:
-        def normalize(name: str, w: jax.Array) -> jax.Array:
-            u = self.variable(
-                "batch_stats",
-                f"{name}/u",
-                lambda: weights.spectral_norm_init(
-                    self.make_rng("params"), w, axis=self.feature_axis, n_warmup=self.n_warmup
-                ),
+        """Calls the layer with spectrally normalized parameters; ``update_stats``: store u and σ."""
+        if not isinstance(update_stats, bool):
+            raise TypeError(
+                f"SpectralNorm: update_stats must be a Python bool, got {type(update_stats).__name__}: "
+                "True while training (stores u and sigma), False for evaluation."
             )
-            training = update_stats and not self.is_initializing()
-            if training and not self.is_mutable_collection("batch_stats"):
+        if update_stats and not self.is_mutable_collection(self.collection_name):
+            raise ValueError(
+                f"SpectralNorm(...).apply(..., update_stats=True) needs a mutable {self.collection_name!r} "
+                "collection to store the new power-iteration vector u and sigma: pass "
+                f"mutable=[{self.collection_name!r}] (or update_stats=False to use the stored u). "
+                "This applies to the default collection 'batch_stats' as well."
+            )
+        coll = self.collection_name
+
+        def normalize(name: str, keys: tuple[str, ...], w: jax.Array) -> jax.Array:
+            w = jnp.asarray(w)
+            if w.ndim <= 1 or self.n_steps < 1 or not _selected(name, self.variable_filter):
+                return w
+            if w.ndim > 2 and self.error_on_non_matrix:
                 raise ValueError(
-                    "SpectralNorm(...).apply(..., update_stats=True) needs a mutable 'batch_stats' "
-                    "collection to store the new power-iteration vector u: pass mutable=['batch_stats'] "
-                    "(or update_stats=False to use the stored u)."
+                    f"Input is {w.ndim}D but error_on_non_matrix is True: the parameter {name!r} has shape "
+                    f"{w.shape}; pass error_on_non_matrix=False to normalize it as the matrix "
+                    f"(-1, {w.shape[-1]}), or keep it out with variable_filter."
                 )
-            w_sn, new_u = weights.spectral_norm(
-                w, u.value, n_steps=self.n_steps, axis=self.feature_axis, eps=self.epsilon, training=training
+            out = w.shape[self.feature_axis]
+
+            def init_u():
+                key = self.make_rng("params")
+                if self.n_warmup:
+                    u = weights.spectral_norm_init(
+                        key, w, axis=self.feature_axis, n_warmup=self.n_warmup, eps=self.epsilon, dtype=self.param_dtype
+                    )
+                    return u.reshape(1, out)
+                return jax.random.normal(key, (1, out), self.param_dtype)
+
+            u_var = self.variable(coll, f"{name}/u", init_u)
+            sigma_var = self.variable(coll, f"{name}/sigma", jnp.ones, (), self.param_dtype)
+            u = jnp.asarray(u_var.value)
+            if u.shape != (1, out):
+                raise ValueError(
+                    f"SpectralNorm: the stored {coll}/{name}/u has shape {u.shape} but the parameter "
+                    f"{name!r} {w.shape} needs (1, {out}): the checkpoint belongs to another layer."
+                )
+            w_sn, new_u, sigma = weights.spectral_norm(
+                w.astype(jnp.promote_types(w.dtype, u.dtype)),
+                u.reshape(out),
+                n_steps=self.n_steps,
+                axis=self.feature_axis,
+                eps=self.epsilon,
+                training=True,
+                sigma_from="v",
+                return_sigma=True,
+                keep_u=False,
             )
-            if training:
-                u.value = new_u
-            return w_sn
+            if update_stats:
+                u_var.value = new_u.reshape(1, out).astype(u.dtype)
+                sigma_var.value = sigma.astype(jnp.asarray(sigma_var.value).dtype)
+            dtype = self.dtype if self.dtype is not None else jnp.result_type(w, u)
+            return w_sn.astype(dtype)
 
         return _reparametrize(self, normalize)(*args, **kwargs)
 

@@ -69,6 +69,16 @@ DELIBERATE: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+# (suite, case-name regex) -> what is still missing: not deliberate, work not yet done. Such a
+# case must still fail (else the entry is stale and this test says so); it is reported as xfail.
+PENDING: dict[tuple[str, str], str] = {
+    ("nnx", r"test_nnx_linen_(weightnorm|spectralnorm)_equivalence\d+"): (
+        "bnjax.nnx.WeightNorm/SpectralNorm do not yet take Flax's constructor keywords "
+        "(layer_instance, feature_axes, use_scale, scale_init, update_stats, ...) nor keep its layout"
+    ),
+}
+
+
 def _test_files() -> Path:
     """The directory holding Flax's two test files, downloading Flax's sdist if needed."""
     local = os.environ.get("BNJAX_FLAX_TESTS")
@@ -162,6 +172,10 @@ def _run(suite: str, impl: str, name: str) -> str | None:
 @pytest.mark.parametrize(("suite", "name"), CASES, ids=[f"{s}:{n}" for s, n in CASES])
 def test_flax_normalization_suite(suite, name, impl):
     failure = _run(suite, impl, name)
+    pending = [v for (s, p), v in PENDING.items() if s == suite and re.fullmatch(p, name)] if impl == "bnjax" else []
+    if pending:
+        assert failure is not None, f"{suite}:{name} now passes with bnjax: remove it from PENDING"
+        pytest.xfail(f"not yet done: {pending[0]}")
     deliberate = _deliberate(suite, name) if impl == "bnjax" else None
     if deliberate is None:
         assert failure is None, f"{impl} fails Flax's {suite} test {name}:\n{failure}"
@@ -175,5 +189,5 @@ def test_the_suites_were_found():
     # guards the collection: a renamed class or an empty file would otherwise pass vacuously
     counts = {suite: sum(s == suite for s, _ in CASES) for suite in SUITES}
     assert counts["linen"] >= 50 and counts["nnx"] >= 100, counts
-    stale = [k for k in DELIBERATE if not any(s == k[0] and re.fullmatch(k[1], n) for s, n in CASES)]
+    stale = [k for k in (*DELIBERATE, *PENDING) if not any(s == k[0] and re.fullmatch(k[1], n) for s, n in CASES)]
     assert not stale, f"DELIBERATE entries that match no case: {stale}"

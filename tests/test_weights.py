@@ -519,13 +519,29 @@ V = jnp.ones((4, 3))
             ValueError,
             r"axis=2 is out of range for v with 2 dimensions \(shape \(4, 3\)\).*axis=0 for PyTorch",
         ),
-        (lambda: weight_norm(V, jnp.ones(3), axis=(0, 1)), TypeError, r"axis must be a single int"),
+        (
+            lambda: weight_norm(V, jnp.ones(3), axis=(0, 1)),
+            ValueError,
+            r"g has shape \(3,\) but the feature axes \(0, 1\) .* g needs shape \(4, 3\).*axis=\(0, 1\)",
+        ),
+        (
+            lambda: weight_norm(V, jnp.ones(3), axis=1.0),
+            TypeError,
+            r"axis must be an int, a tuple of ints, \(\) or None",
+        ),
+        (lambda: weight_norm(V, jnp.ones(3), axis=(1, -1)), ValueError, r"names the same axis of v"),
+        (lambda: weight_norm(V, jnp.ones(3), axis=None), ValueError, r"g needs shape \(\)"),
         (
             lambda: weight_norm(V, jnp.ones(4)),
             ValueError,
             r"g has shape \(4,\) but the output axis 1 of the weight \(4, 3\) has size 3.*weight_norm_init",
         ),
-        (lambda: weight_norm(jnp.ones(3), jnp.ones(3)), ValueError, r"v has shape \(3,\): a weight needs at least 2"),
+        (
+            lambda: weight_norm(jnp.ones(()), jnp.ones(())),
+            ValueError,
+            r"v has shape \(\): weight_norm needs at least 1",
+        ),
+        (lambda: spectral_norm(V, jnp.ones(3), sigma_from="w"), ValueError, r"sigma_from must be 'u'"),
         (lambda: weight_norm(V, jnp.ones(3), eps=0.0), ValueError, r"eps must be a finite number > 0"),
         (lambda: weight_norm_init(V, axis=-3), ValueError, r"axis=-3 is out of range for v"),
         (

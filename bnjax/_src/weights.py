@@ -65,9 +65,56 @@ def _fan_in(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return tuple(a for a in range(len(shape)) if a != axis)
 
 
-def _unit_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
-    """(1, ..., out, ..., 1): a per-unit vector placed on ``axis``, broadcastable against the weight."""
-    return tuple(s if a == axis else 1 for a, s in enumerate(shape))
+def _feature_axes(axis: Any, v: jax.Array, name: str) -> tuple[int, ...]:
+    """Weight norm's feature axes as a sorted tuple of non-negative ints, or a clear error.
+
+    ``axis`` is an int (the output-unit axis), a tuple of ints, or ``()`` / ``None`` (no feature
+    axis: one norm over the whole of v).
+    """
+    fix = (
+        "e.g. axis=-1 for Flax kernels (..., in, out), axis=0 for PyTorch weights (out, in, ...), "
+        "a tuple such as axis=(0, 1) for several feature axes, or axis=None for one norm over the whole weight"
+    )
+    if v.ndim < 1:
+        raise ValueError(f"{name} has shape (): weight_norm needs at least 1 dimension (a kernel or a bias).")
+    if axis is None:
+        return ()
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)):
+        entries: tuple[Any, ...] = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        entries = tuple(axis)
+    else:
+        raise TypeError(f"axis must be an int, a tuple of ints, () or None, got {axis!r}: {fix}.")
+    out = []
+    for a in entries:
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"axis must be an int, a tuple of ints, () or None, got {axis!r}: {fix}.")
+        if not -v.ndim <= a < v.ndim:
+            raise ValueError(
+                f"axis={axis!r} is out of range for {name} with {v.ndim} dimensions (shape {v.shape}): use "
+                f"axes in [{-v.ndim}, {v.ndim - 1}], {fix}."
+            )
+        out.append(int(a) % v.ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis={axis!r} names the same axis of {name} (shape {v.shape}) twice.")
+    return tuple(sorted(out))
+
+
+def _check_feature_vector(g: Any, v: jax.Array, axes: tuple[int, ...], axis: Any) -> jax.Array:
+    """g of shape ``tuple(v.shape[a] for a in axes)``, or a clear error."""
+    g = check_floating(g, "g")
+    expected = tuple(v.shape[a] for a in axes)
+    if g.shape != expected:
+        where = (
+            f"the output axis {axes[0]} of the weight {v.shape} has size {v.shape[axes[0]]}"
+            if len(axes) == 1
+            else f"the feature axes {axes} of the weight {v.shape} have sizes {expected}"
+        )
+        raise ValueError(
+            f"g has shape {g.shape} but {where}, so g needs shape {expected}: create it with "
+            f"weight_norm_init(v, axis={axis!r})."
+        )
+    return g
 
 
 def _check_unit_vector(value: Any, w: jax.Array, axis: int, name: str, fix: str) -> jax.Array:
@@ -85,18 +132,30 @@ def _check_unit_vector(value: Any, w: jax.Array, axis: int, name: str, fix: str)
 # Weight normalization
 
 
-def _sum_squares(v: jax.Array, axis: int) -> jax.Array:
-    """Σ v² over the fan-in of each unit (keepdims), in ``compute_dtype``: σ² of weight norm."""
+def _sum_squares(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Σ v² over every axis not in ``axes`` (keepdims), in ``compute_dtype``: σ² of weight norm."""
     vc = v.astype(compute_dtype(v.dtype))
-    return jnp.sum(vc * vc, axis=_fan_in(v.shape, axis), keepdims=True)
+    return jnp.sum(vc * vc, axis=tuple(a for a in range(v.ndim) if a not in axes), keepdims=True)
 
 
-def weight_norm(v: ArrayLike, g: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+def weight_norm(
+    v: ArrayLike,
+    g: ArrayLike | None,
+    *,
+    axis: int | Sequence[int] | None = -1,
+    eps: float = 1e-12,
+) -> jax.Array:
     """Weight normalization: decouple each output unit's weight vector into length g and direction v.
 
     Math (for each output unit j, the norm over every axis of v except ``axis``):
 
         w_j = g_j · v_j / √(‖v_j‖² + ε)
+
+    ``axis`` may also be a tuple of feature axes (one norm, and one g, per combination of their
+    indices: g has shape ``tuple(v.shape[a] for a in sorted(axis))``), or ``()`` / ``None``: one
+    norm over the whole of v, with a scalar g (Flax's ``feature_axes``). Every axis of v that is
+    not a feature axis is reduced; with every axis a feature axis each element is normalized on
+    its own, w = g · v/√(v² + ε).
 
     the core h = g·(x − μ)/√(σ² + ε) with x = v, μ = 0 and σ² = ‖v_j‖² (Flax's ``WeightNorm``
     formula; PyTorch's has ε = 0). ε keeps an all-zero unit finite: its w is 0, the gradient with
@@ -107,10 +166,14 @@ def weight_norm(v: ArrayLike, g: ArrayLike, *, axis: int = -1, eps: float = 1e-1
     Computed in float32 (or wider) for low-precision v; returned in v's dtype.
 
     Args:
-      v: the direction, a floating kernel of any rank ≥ 2, e.g. (in, out) or (kh, kw, in, out).
-      g: the per-unit length, shape ``(v.shape[axis],)``; ``weight_norm_init(v)`` leaves
-        the layer unchanged, ``weight_norm_data_init`` gives the paper's data-dependent init.
-      axis: the output-unit axis of v (-1 for Flax kernels, 0 for PyTorch's (out, in, ...)).
+      v: the direction, a floating array of rank ≥ 1, e.g. a kernel (in, out) or
+        (kh, kw, in, out), or a bias.
+      g: the per-unit length, shape ``(v.shape[axis],)`` (``tuple(v.shape[a] for a in axes)`` for
+        a tuple of axes, ``()`` for ``axis=None``); ``weight_norm_init(v)`` leaves the layer
+        unchanged, ``weight_norm_data_init`` gives the paper's data-dependent init. ``None``: no
+        length, w = v/‖v‖ (Flax's ``use_scale=False``).
+      axis: the output-unit axis of v (-1 for Flax kernels, 0 for PyTorch's (out, in, ...)), a
+        tuple of feature axes, or ``()`` / ``None`` for one norm over all of v.
       eps: ε > 0 added to ‖v_j‖² (default 1e-12, as Flax's ``WeightNorm``).
 
     Returns:
@@ -123,33 +186,37 @@ def weight_norm(v: ArrayLike, g: ArrayLike, *, axis: int = -1, eps: float = 1e-1
       >>> weight_norm(v, jnp.array([2.0, 5.0]))
       Array([[1.2, 0. ],
              [1.6, 0. ]], dtype=float32)
+      >>> weight_norm(v, jnp.array(10.0), axis=None)  # one norm over the whole kernel: ‖v‖ = 5
+      Array([[6., 0.],
+             [8., 0.]], dtype=float32)
 
     References:
       Salimans & Kingma 2016, "Weight Normalization: A Simple Reparameterization to Accelerate
       Training of Deep Neural Networks", eq. 2.
     """
     v = check_floating(v, "v")
-    ax = _output_axis(axis, v, "v")
-    g = _check_unit_vector(g, v, ax, "g", f"create it with weight_norm_init(v, axis={axis}).")
+    axes = _feature_axes(axis, v, "v")
+    scale = None if g is None else _check_feature_vector(g, v, axes, axis)
     check_eps(eps)
     with jax.named_scope("bnjax.weight_norm"):
-        shape = _unit_shape(v.shape, ax)
-        return apply_normalization(v, None, _sum_squares(v, ax), g.reshape(shape), None, eps, None)
+        shape = tuple(s if a in axes else 1 for a, s in enumerate(v.shape))
+        scale = None if scale is None else scale.reshape(shape)
+        return apply_normalization(v, None, _sum_squares(v, axes), scale, None, eps, None)
 
 
-def weight_norm_init(v: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+def weight_norm_init(v: ArrayLike, *, axis: int | Sequence[int] | None = -1, eps: float = 1e-12) -> jax.Array:
     """The g that makes ``weight_norm(v, g)`` equal to v: g_j = √(‖v_j‖² + ε) ≈ ‖v_j‖.
 
     Wrapping an existing kernel in weight norm this way leaves the layer's output unchanged
     (PyTorch's ``weight_norm`` initializes g = ‖v‖ the same way).
 
     Args:
-      v: a floating kernel, rank ≥ 2.
-      axis: its output-unit axis.
+      v: a floating kernel (or bias), rank ≥ 1.
+      axis: its output-unit axis, a tuple of feature axes, or ``()`` / ``None`` (as ``weight_norm``).
       eps: the same ε that ``weight_norm`` will be called with.
 
     Returns:
-      g, shape ``(v.shape[axis],)``, v's dtype.
+      g, shape ``tuple(v.shape[a] for a in axes)`` (``(v.shape[axis],)`` for an int axis), v's dtype.
 
     Example:
       >>> import jax.numpy as jnp
@@ -165,10 +232,10 @@ def weight_norm_init(v: ArrayLike, *, axis: int = -1, eps: float = 1e-12) -> jax
       Salimans & Kingma 2016, "Weight Normalization", §2.
     """
     v = check_floating(v, "v")
-    ax = _output_axis(axis, v, "v")
+    axes = _feature_axes(axis, v, "v")
     check_eps(eps)
-    ss = _sum_squares(v, ax)
-    return jnp.sqrt(ss + jnp.asarray(eps, ss.dtype)).reshape(v.shape[ax]).astype(v.dtype)
+    ss = _sum_squares(v, axes)
+    return jnp.sqrt(ss + jnp.asarray(eps, ss.dtype)).reshape(tuple(v.shape[a] for a in axes)).astype(v.dtype)
 
 
 def weight_norm_data_init(
@@ -320,24 +387,34 @@ def _l2_normalize(x: jax.Array, eps) -> tuple[jax.Array, jax.Array]:
     return x / jnp.maximum(norm, eps), norm
 
 
-@functools.partial(jax.jit, static_argnums=2)  # eager callers reuse one compiled loop per shape
-def _power_iteration(mat: jax.Array, u: jax.Array, n_steps: int, eps) -> tuple[jax.Array, jax.Array]:
-    """n_steps of v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖ (no gradient); returns (u, v) with v from the final u.
+@functools.partial(jax.jit, static_argnums=(2, 4, 5))  # eager callers reuse one compiled loop per shape
+def _power_iteration(
+    mat: jax.Array, u: jax.Array, n_steps: int, eps, last_v: bool = False, keep_u: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """n_steps of v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖ (no gradient); returns (u, v).
 
-    A step whose Wv is exactly zero (an all-zero W) keeps the previous u, so a zero weight never
-    wipes the state.
+    v is recomputed from the final u, or, with ``last_v``, is the last step's v (computed from
+    the u before the last update; from u itself when n_steps = 0). A step whose Wv is exactly
+    zero (an all-zero W) keeps the previous u, so a zero weight never wipes the state (with
+    ``keep_u=False`` it sets u to 0, as Flax does).
     """
     mat = lax.stop_gradient(mat)
 
     def half_step(u):
         return _l2_normalize(jnp.matmul(mat.T, u, precision=_HIGHEST), eps)[0]
 
-    def step(_, u):
-        new_u, norm = _l2_normalize(jnp.matmul(mat, half_step(u), precision=_HIGHEST), eps)
-        return jnp.where(norm > 0, new_u, u)
+    def step(_, carry):
+        u, v = carry
+        v_new = half_step(u)
+        new_u, norm = _l2_normalize(jnp.matmul(mat, v_new, precision=_HIGHEST), eps)
+        if not keep_u:
+            return new_u, v_new
+        keep = norm > 0
+        return jnp.where(keep, new_u, u), jnp.where(keep, v_new, v)
 
-    u = lax.fori_loop(0, n_steps, step, lax.stop_gradient(u))
-    return u, half_step(u)
+    u0 = lax.stop_gradient(u)
+    u, v = lax.fori_loop(0, n_steps, step, (u0, half_step(u0)))
+    return u, (v if last_v else half_step(u))
 
 
 def spectral_norm(
@@ -348,7 +425,10 @@ def spectral_norm(
     axis: int = -1,
     eps: float = 1e-12,
     training: bool = True,
-) -> tuple[jax.Array, jax.Array]:
+    sigma_from: str = "u",
+    return_sigma: bool = False,
+    keep_u: bool = True,
+) -> Any:
     """Spectral normalization: divide w by its largest singular value, estimated by power iteration.
 
     Math: W = w reshaped to (out, fan_in), row j the weights of output unit j (w's ``axis``
@@ -365,7 +445,11 @@ def spectral_norm(
     σ = uᵀWv with u and v fixed, as in Miyato et al. and PyTorch (at convergence this is the exact
     gradient of σ_max, u vᵀ). σ is computed from the returned u (PyTorch's order; Miyato et al.'s
     Algorithm 1 uses the v before the last u update, a lower estimate), so evaluating with the
-    new u reproduces the training output exactly.
+    new u reproduces the training output exactly. ``sigma_from="v"`` instead keeps the last
+    step's v, σ = uᵀWv = ‖Wv‖ with v from the u before the last update: Miyato et al.'s
+    Algorithm 1 and the order of Flax's ``SpectralNorm`` (and of PyTorch's older
+    ``torch.nn.utils.spectral_norm``); with no step to take (``n_steps=0`` or
+    ``training=False``) both orders compute v from u.
 
     ``training=True`` runs ``n_steps`` steps and returns the new u (``n_steps=0``: no step, u
     unchanged); ``training=False`` runs none and returns u unchanged. Norms are floored at ε as
@@ -382,10 +466,16 @@ def spectral_norm(
       axis: the output-unit axis of w.
       eps: ε > 0, the floor on ‖Wᵀu‖ and ‖Wv‖ (PyTorch's default 1e-12).
       training: Python bool: update u (True) or use it as is (False).
+      sigma_from: ``"u"`` (default: v from the returned u, PyTorch's parametrization) or ``"v"``
+        (the last step's v: Miyato et al.'s Algorithm 1, Flax).
+      return_sigma: also return the estimate σ (a scalar in u's dtype).
+      keep_u: a step on an all-zero W keeps u (default). ``False`` is Flax's rule: u becomes 0,
+        and stays 0 from then on, so σ = 0 and w is returned unnormalized (for a parameter that
+        starts at zero, e.g. a bias, spectral normalization then never starts).
 
     Returns:
-      ``(w_SN, new_u)``: w_SN of w's shape and dtype; new_u of u's shape and dtype (u itself when
-      ``training=False``).
+      ``(w_SN, new_u)``, or ``(w_SN, new_u, sigma)`` with ``return_sigma=True``: w_SN of w's
+      shape and dtype; new_u of u's shape and dtype (u itself when ``training=False``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -412,15 +502,25 @@ def spectral_norm(
     u = _check_unit_vector(u, w, ax, "u", f"create it with spectral_norm_init(key, w, axis={axis}).")
     n_steps = check_int(n_steps, "n_steps", 0)
     check_eps(eps)
+    if sigma_from not in ("u", "v"):
+        raise ValueError(
+            f"sigma_from must be 'u' (σ from the returned u, PyTorch's order) or 'v' (σ from the last "
+            f"step's v, Miyato et al.'s Algorithm 1 and Flax's order), got {sigma_from!r}."
+        )
+    for flag, value in (("return_sigma", return_sigma), ("keep_u", keep_u)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a Python bool, got {type(value).__name__}.")
     with jax.named_scope("bnjax.spectral_norm"):
         dtype = compute_dtype(jnp.promote_types(w.dtype, u.dtype))
         mat = _as_matrix(w.astype(dtype), ax)
-        new_u, v = _power_iteration(mat, u.astype(dtype), n_steps if training else 0, eps)
+        steps = n_steps if training else 0
+        new_u, v = _power_iteration(mat, u.astype(dtype), steps, eps, sigma_from == "v", keep_u)
         sigma = jnp.dot(new_u, jnp.matmul(mat, v, precision=_HIGHEST), precision=_HIGHEST)
         # σ = 0 only for an all-zero W (or a zero u): divide by 1 there, so w_SN = w = 0 and the
         # gradient is finite, where a floor max(σ, ε) would give gradients of order 1/ε.
         y = w.astype(dtype) / jnp.where(sigma > 0, sigma, jnp.ones((), dtype))
-        return y.astype(w.dtype), (new_u.astype(u.dtype) if training else u)
+        out = y.astype(w.dtype), (new_u.astype(u.dtype) if training else u)
+        return (*out, sigma.astype(u.dtype)) if return_sigma else out
 
 
 def spectral_norm_init(
