@@ -7,13 +7,12 @@ declare variables; there is no normalization math outside bnjax's functional cor
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import methods
+from bnjax._src import methods, statistics
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
 from bnjax._src.validation import canonical_axes
@@ -56,15 +55,10 @@ def promote(cfg: Any, x: Any, params: NormParams, extra: tuple = ()) -> tuple[ja
         out_dtype = jnp.dtype(cfg.dtype)
     else:
         out_dtype = jnp.result_type(x, *(p for p in params if p is not None))
-    if fn is not None:
-        return x, params, out_dtype
-    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(out_dtype, jnp.floating):
+    floating = jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(out_dtype, jnp.floating)
+    if fn is None and floating:
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     return x, params, out_dtype
-
-
-def _finish(y: jax.Array, out_dtype: Any) -> jax.Array:
-    return y.astype(out_dtype)
 
 
 def batch_norm(
@@ -79,8 +73,7 @@ def batch_norm(
     x, params, out_dtype = promote(cfg, x, params, (stats.mean, stats.var))
     if initializing and training:
         feat = canonical_axes(cfg.axis, x.ndim, shape=x.shape)
-        per_statistic = math.prod(n for a, n in enumerate(x.shape) if a not in feat)
-        training = per_statistic > 1
+        training = statistics.reduced_size(x.shape, tuple(a for a in range(x.ndim) if a not in feat)) > 1
     sync = not initializing
     common: dict[str, Any] = dict(
         training=training,
@@ -109,7 +102,7 @@ def batch_norm(
             fused_backward=cfg.fused_backward,
             **common,
         )
-    return _finish(y, out_dtype), new
+    return y.astype(out_dtype), new
 
 
 def _per_example(method: Any, cfg: Any, x: Any, params: NormParams, mask: Any, **specific: Any) -> jax.Array:
@@ -127,7 +120,7 @@ def _per_example(method: Any, cfg: Any, x: Any, params: NormParams, mask: Any, *
         axis_index_groups=cfg.axis_index_groups,
         **specific,
     )
-    return _finish(y, out_dtype)
+    return y.astype(out_dtype)
 
 
 def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
