@@ -383,7 +383,7 @@ class WeightNorm(nn.Module):
             if not _selected(name, self.variable_filter):
                 return v
             v = jnp.asarray(v)
-            feature = weights._feature_axes(axes, v, f"the parameter {name!r}")
+            feature, shape = shells.weight_norm_axes(axes, v, name)
             g = None
             if self.use_scale:
                 if self.scale_init is None:
@@ -393,10 +393,8 @@ class WeightNorm(nn.Module):
 
                 else:
                     init = self.scale_init
-                g = self.param(f"{name}/scale", init, tuple(v.shape[a] for a in feature), self.param_dtype)
-            dtype = self.dtype if self.dtype is not None else (v.dtype if g is None else jnp.result_type(v, g))
-            work = v.dtype if g is None else jnp.promote_types(v.dtype, g.dtype)
-            return weights.weight_norm(v.astype(work), g, axis=feature, eps=self.epsilon).astype(dtype)
+                g = self.param(f"{name}/scale", init, shape, self.param_dtype)
+            return shells.weight_norm_view(v, g, feature, self.epsilon, self.dtype)
 
         return _reparametrize(self, normalize)(*args, **kwargs)
 
@@ -596,14 +594,8 @@ class SpectralNorm(nn.Module):
 
         def normalize(name: str, keys: tuple[str, ...], w: jax.Array) -> jax.Array:
             w = jnp.asarray(w)
-            if w.ndim <= 1 or self.n_steps < 1 or not _selected(name, self.variable_filter):
+            if not _selected(name, self.variable_filter) or not shells.spectral_selected(self, w, name, "Input"):
                 return w
-            if w.ndim > 2 and self.error_on_non_matrix:
-                raise ValueError(
-                    f"Input is {w.ndim}D but error_on_non_matrix is True: the parameter {name!r} has shape "
-                    f"{w.shape}; pass error_on_non_matrix=False to normalize it as the matrix "
-                    f"(-1, {w.shape[-1]}), or keep it out with variable_filter."
-                )
             out = w.shape[self.feature_axis]
 
             def init_u():
@@ -617,28 +609,11 @@ class SpectralNorm(nn.Module):
 
             u_var = self.variable(coll, f"{name}/u", init_u)
             sigma_var = self.variable(coll, f"{name}/sigma", jnp.ones, (), self.param_dtype)
-            u = jnp.asarray(u_var.value)
-            if u.shape != (1, out):
-                raise ValueError(
-                    f"SpectralNorm: the stored {coll}/{name}/u has shape {u.shape} but the parameter "
-                    f"{name!r} {w.shape} needs (1, {out}): the checkpoint belongs to another layer."
-                )
-            w_sn, new_u, sigma = weights.spectral_norm(
-                w.astype(jnp.promote_types(w.dtype, u.dtype)),
-                u.reshape(out),
-                n_steps=self.n_steps,
-                axis=self.feature_axis,
-                eps=self.epsilon,
-                training=True,
-                sigma_from="v",
-                return_sigma=True,
-                keep_u=False,
-            )
+            w_sn, new_u, sigma = shells.spectral_view(self, w, u_var.value, name, f"{coll}/{name}/u")
             if update_stats:
-                u_var.value = new_u.reshape(1, out).astype(u.dtype)
+                u_var.value = new_u
                 sigma_var.value = sigma.astype(jnp.asarray(sigma_var.value).dtype)
-            dtype = self.dtype if self.dtype is not None else jnp.result_type(w, u)
-            return w_sn.astype(dtype)
+            return w_sn
 
         return _reparametrize(self, normalize)(*args, **kwargs)
 

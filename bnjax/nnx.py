@@ -31,6 +31,7 @@ _zeros, _ones = nnx.initializers.zeros, nnx.initializers.ones
 _lecun_normal = nnx.initializers.lecun_normal()
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 PromoteDtype = Callable[..., Any]  # Flax's promote_dtype signature: fn(arrays, *, dtype) -> arrays
+_KERNEL = nnx.PathContains("kernel")  # the weight wrappers' default variable_filter, as Flax
 
 
 def _value(v: nnx.Variable | None) -> jax.Array | None:
@@ -408,48 +409,153 @@ class RMSNorm(_Normalization):
 # Statistics from the weights
 
 
-def _kernel(layer: nnx.Module) -> jax.Array:
-    """The wrapped layer's ``kernel`` value, or a clear error for a layer that has none."""
-    kernel = getattr(layer, "kernel", None)
-    if not isinstance(kernel, nnx.Param):
-        raise TypeError(
-            f"{type(layer).__name__} has no nnx.Param named 'kernel': the weight-side wrappers "
-            "normalize a layer's kernel, e.g. nnx.Linear or nnx.Conv."
+Path = tuple[Any, ...]
+
+
+def _selected_params(layer: nnx.Module, variable_filter: Any) -> list[tuple[Path, nnx.Param]]:
+    """The ``nnx.Param`` variables of ``layer`` that ``variable_filter`` selects (an nnx filter,
+    called as Flax calls it, with the path inside the layer and the variable), in graph order."""
+    select = nnx.filterlib.to_predicate(variable_filter)
+    return [(path, var) for path, var in nnx.iter_graph(layer) if isinstance(var, nnx.Param) and select(path, var)]
+
+
+def _call_with(layer: nnx.Module, values: Sequence[tuple[nnx.Param, jax.Array]], *args: Any, **kwargs: Any) -> Any:
+    """Calls ``layer`` with each variable of ``values`` reading its value there, then restores them.
+
+    The swap is in place, so everything else the layer does in the call (a BatchNorm inside it
+    updating its statistics, an ``nnx.Rngs`` advancing) lands in the layer itself, and a layer
+    shared with another part of the model sees the normalized weights only during this call. The
+    layer's own parameters are never overwritten: after the call they hold the raw v again (a
+    wrapper that wrote w into them, as Flax's do, would normalize the already normalized weight
+    on the next call, and an optimizer would update w rather than v).
+    """
+    saved = [(var, var.get_value()) for var, _ in values]
+    try:
+        for var, value in values:
+            var.set_value(value)
+        return layer(*args, **kwargs)
+    finally:
+        for var, value in saved:
+            var.set_value(value)
+
+
+def _feature_axes_alias(feature_axes: Any, feature_axis: Any, owner: str) -> Any:
+    if feature_axis is None:
+        return feature_axes
+    if feature_axes != -1:
+        raise ValueError(
+            f"{owner} got feature_axis={feature_axis!r} and feature_axes={feature_axes!r}: feature_axis is "
+            "only an alias of feature_axes (Flax's name); pass feature_axes alone."
         )
-    return kernel[...]
-
-
-def _call_with_kernel(layer: nnx.Module, kernel: jax.Array, *args: Any, **kwargs: Any) -> Any:
-    """Calls a copy of ``layer`` whose ``kernel`` reads ``kernel``; ``layer`` itself is untouched."""
-    copy = nnx.merge(*nnx.split(layer))
-    # rebinds the copy's attribute; in-place writes would reach layer's
-    copy.kernel = nnx.Param(kernel)  # type: ignore[attr-defined]
-    return copy(*args, **kwargs)
+    return feature_axis
 
 
 class WeightNorm(nnx.Module):
-    """Weight normalization (Salimans & Kingma 2016) of a wrapped layer's ``kernel``.
+    """Weight normalization (Salimans & Kingma 2016) of a wrapped layer; see ``bnjax.weight_norm``.
 
-    Math: the layer computes with w = g · v/‖v‖ (norm over every axis but ``feature_axis``); its own
-    kernel v is never overwritten; g (``scale``) starts at ‖v‖, so wrapping leaves the output
-    unchanged. See ``bnjax.weight_norm``.
+    A drop-in for ``flax.nnx.WeightNorm``: the same constructor, the same attribute names
+    (``layer_instance``; g in ``scales``, a dict keyed by each parameter's path in the layer, e.g.
+    ``scales[('kernel',)]``), the same output for the same values.
+
+    Math: for each ``nnx.Param`` v of the layer selected by ``variable_filter`` (default
+    ``nnx.PathContains('kernel')``), the layer computes with
+
+        w = g · v / √(Σ v² + ε)
+
+    the sum running over every axis of v *not* in ``feature_axes`` (default -1: one norm per
+    output unit of a kernel (..., in, out); ``None`` or ``()``: one norm over all of v); g has
+    shape ``tuple(v.shape[a] for a in feature_axes)`` (sorted axes).
+
+    Differences from Flax, each deliberate:
+
+    - ``scale_init=None`` (bnjax's default) starts g at √(Σv² + ε) ≈ ‖v‖, so wrapping a layer
+      leaves its output unchanged (PyTorch's convention); Flax's default, ``ones``, is exact
+      when passed (then ``rngs`` is needed, as in Flax; with ``scale_init=None`` it is optional).
+    - g is an ``nnx.Param`` in ``param_dtype`` (Flax stores a bare array, which
+      ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` does not train, and ignores ``param_dtype``).
+    - The layer's parameters are never overwritten: the normalized w is swapped in for the call
+      only (Flax writes w into the layer on every call, so the next call normalizes w again and
+      an optimizer updates w, not v). Gradients flow to v and g.
+
+    The result is cast to ``dtype``, or to the promotion of v's and g's dtypes. ``promote_dtype``,
+    when given, is called on ``(v, g)`` with ``dtype=dtype`` before normalizing (Flax accepts the
+    argument and does not use it). ``use_scale=False``: no g, w = v/‖v‖. ``feature_axis``
+    (bnjax's former name) is an alias of ``feature_axes``.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
       >>> from flax import nnx
       >>> dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
       >>> layer = bnjax.nnx.WeightNorm(dense)
+      >>> layer.scales[("kernel",)].shape
+      (3,)
       >>> bool(jnp.allclose(layer(jnp.ones((2, 4))), dense(jnp.ones((2, 4))), atol=1e-6))
       True
+
+    References:
+      Salimans & Kingma 2016, "Weight Normalization: A Simple Reparameterization to Accelerate
+      Training of Deep Neural Networks", eq. 2.
     """
 
-    def __init__(self, layer: nnx.Module, *, feature_axis: int = -1, epsilon: float = 1e-12):
-        self.layer, self.feature_axis, self.epsilon = layer, feature_axis, epsilon
-        self.scale = nnx.Param(weights.weight_norm_init(_kernel(layer), axis=feature_axis))
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        feature_axes: Axes | None = -1,
+        use_scale: bool = True,
+        scale_init: Initializer | None = None,
+        epsilon: float = 1e-12,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        variable_filter: Any = _KERNEL,
+        promote_dtype: PromoteDtype | None = None,
+        rngs: nnx.Rngs | None = None,
+        feature_axis: Axes | None = None,
+    ):
+        self.layer_instance = layer_instance
+        self.feature_axes = _feature_axes_alias(feature_axes, feature_axis, "WeightNorm")
+        self.use_scale, self.epsilon, self.dtype, self.param_dtype = use_scale, epsilon, dtype, param_dtype
+        self.variable_filter, self.promote_dtype = variable_filter, promote_dtype
+        scales: dict[Path, nnx.Param] = {}
+        if use_scale:
+            if scale_init is not None and rngs is None:
+                raise TypeError(
+                    "WeightNorm(scale_init=...) needs rngs=nnx.Rngs(...) to draw g from; leave scale_init "
+                    "unset (g starts at ||v||, which needs no key) or pass rngs."
+                )
+            for path, var in _selected_params(layer_instance, variable_filter):
+                v = var.get_value()
+                axes, shape = shells.weight_norm_axes(self.feature_axes, v, _name(path))
+                if scale_init is None:
+                    g = weights.weight_norm_init(v, axis=axes, eps=epsilon).astype(param_dtype)
+                else:
+                    assert rngs is not None
+                    g = scale_init(rngs.params(), shape, param_dtype)
+                scales[path] = nnx.Param(g)
+        self.scales = nnx.data(scales)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        w = weights.weight_norm(_kernel(self.layer), self.scale[...], axis=self.feature_axis, eps=self.epsilon)
-        return _call_with_kernel(self.layer, w, *args, **kwargs)
+        values = []
+        for path, var in _selected_params(self.layer_instance, self.variable_filter):
+            v = var.get_value()
+            axes, _ = shells.weight_norm_axes(self.feature_axes, v, _name(path))
+            g = None
+            if self.use_scale:
+                if path not in self.scales:
+                    raise KeyError(
+                        f"WeightNorm has no g for the parameter {_name(path)!r}: the wrapped layer gained "
+                        "parameters after the wrapper was built; build WeightNorm after the layer is complete."
+                    )
+                g = self.scales[path].get_value()
+            if self.promote_dtype is not None:
+                v, *rest = self.promote_dtype((v, *(() if g is None else (g,))), dtype=self.dtype)
+                g = rest[0] if rest else None
+            values.append((var, shells.weight_norm_view(v, g, axes, self.epsilon, self.dtype)))
+        return _call_with(self.layer_instance, values, *args, **kwargs)
+
+
+def _name(path: Path) -> str:
+    return "/".join(str(k) for k in path)
 
 
 class WeightStandardization(nnx.Module):
@@ -466,12 +572,23 @@ class WeightStandardization(nnx.Module):
       (1, 6, 6, 4)
     """
 
-    def __init__(self, layer: nnx.Module, *, feature_axis: int = -1, epsilon: float = 1e-5):
-        self.layer, self.feature_axis, self.epsilon = layer, feature_axis, epsilon
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        feature_axis: int = -1,
+        epsilon: float = 1e-5,
+        variable_filter: Any = _KERNEL,
+    ):
+        self.layer_instance, self.feature_axis, self.epsilon = layer_instance, feature_axis, epsilon
+        self.variable_filter = variable_filter
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        w = weights.weight_standardize(_kernel(self.layer), axis=self.feature_axis, eps=self.epsilon)
-        return _call_with_kernel(self.layer, w, *args, **kwargs)
+        values = [
+            (var, weights.weight_standardize(var.get_value(), axis=self.feature_axis, eps=self.epsilon))
+            for _, var in _selected_params(self.layer_instance, self.variable_filter)
+        ]
+        return _call_with(self.layer_instance, values, *args, **kwargs)
 
 
 class StandardizedConv(WeightStandardization):
@@ -561,49 +678,126 @@ class CosineConv(nnx.Module):
 
 
 class SpectralNorm(nnx.Module):
-    """Spectral normalization (Miyato et al. 2018) of a wrapped layer's ``kernel``.
+    """Spectral normalization (Miyato et al. 2018) of a wrapped layer; see ``bnjax.spectral_norm``.
 
-    Math: the layer computes with w/σ_max(w), σ_max by power iteration with state ``u``
-    (``nnx.BatchStat``, warmed up at construction). In training (``use_running_average=False``,
-    the default; named as BatchNorm's so that ``model.eval()`` freezes it) each call runs
-    ``n_steps`` iterations and stores u; in evaluation u is used as stored.
+    A drop-in for ``flax.nnx.SpectralNorm``: the same constructor, the same attribute names
+    (``layer_instance``; ``batch_stats``, a dict keyed by each parameter's path in the layer plus
+    ``'u'`` or ``'sigma'``, e.g. ``batch_stats[('kernel', 'u')]``, of ``nnx.BatchStat``), the same
+    output and state updates for the same values. Layers of any structure are wrapped (an
+    ``nnx.Sequential`` too): every ``nnx.Param`` of rank ≥ 2 is normalized.
+
+    Math: each such parameter w (a ≥3-D one read as the matrix (Π leading, last)) is replaced by
+    w/σ, σ ≈ σ_max(w) from ``n_steps`` power-iteration steps per call starting from the stored u:
+
+        v ← normalize(u Wᵀ),   u ← normalize(v W),   σ = v W uᵀ   (W = w as (fan_in, out))
+
+    (Flax's order, ``bnjax.spectral_norm(..., sigma_from="v")``; the iteration is under
+    ``stop_gradient``, so gradients flow through w in σ = vWuᵀ). 1-D parameters are left alone;
+    ``n_steps=0`` normalizes nothing; ``error_on_non_matrix=True`` refuses ≥3-D parameters.
+
+    State per parameter: u of shape (1, out), drawn N(0, 1) from ``rngs.params()`` (as Flax), and
+    σ of shape (), starting at 1, both ``nnx.BatchStat`` in ``param_dtype``. ``update_stats``
+    (default True) stores the new u and σ after each call; ``False`` still runs the iteration from
+    the stored u (as Flax) but stores nothing. The per-call ``update_stats`` overrides it, and
+    ``model.eval()`` / ``model.train()`` switch it (the attribute is ``use_running_average =
+    not update_stats``, as in Flax). The result is cast to ``dtype``, or to the promotion of w's
+    and u's dtypes.
+
+    Differences from Flax, each deliberate: the layer's parameters are never overwritten (w/σ is
+    swapped in for the call only; Flax writes it into the layer, so the next call divides an
+    already divided weight and an optimizer updates w/σ rather than w); ``update_stats`` at call
+    time is keyword-only (positional arguments go to the layer).
+
+    bnjax's extras: ``n_warmup`` > 0 warms u up at construction with that many steps
+    (``bnjax.spectral_norm_init``); ``variable_filter`` (an nnx filter, default every
+    ``nnx.Param``); ``feature_axis``, each parameter's output axis (default -1, Flax's).
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
       >>> from flax import nnx
       >>> layer = bnjax.nnx.SpectralNorm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+      >>> layer.batch_stats[("kernel", "u")].shape
+      (1, 3)
       >>> layer(jnp.ones((2, 4))).shape
       (2, 3)
+
+    References:
+      Miyato, Kataoka, Koyama & Yoshida 2018, "Spectral Normalization for Generative Adversarial
+      Networks", Algorithm 1.
     """
 
     def __init__(
         self,
-        layer: nnx.Module,
+        layer_instance: nnx.Module,
         *,
         n_steps: int = 1,
-        feature_axis: int = -1,
         epsilon: float = 1e-12,
-        n_warmup: int = 15,
-        use_running_average: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        error_on_non_matrix: bool = False,
+        update_stats: bool = True,
         rngs: nnx.Rngs,
+        n_warmup: int = 0,
+        variable_filter: Any = nnx.Param,
+        feature_axis: int = -1,
     ):
-        self.layer, self.n_steps, self.feature_axis, self.epsilon = layer, n_steps, feature_axis, epsilon
-        self.use_running_average = use_running_average
-        kernel = _kernel(layer)
-        self.u = nnx.BatchStat(weights.spectral_norm_init(rngs.params(), kernel, axis=feature_axis, n_warmup=n_warmup))
+        if not isinstance(update_stats, bool):
+            raise TypeError(f"SpectralNorm(update_stats=...) must be a Python bool, got {type(update_stats).__name__}.")
+        self.layer_instance, self.n_steps, self.epsilon = layer_instance, n_steps, epsilon
+        self.dtype, self.param_dtype, self.error_on_non_matrix = dtype, param_dtype, error_on_non_matrix
+        self.n_warmup, self.variable_filter, self.feature_axis = n_warmup, variable_filter, feature_axis
+        self.use_running_average = not update_stats
+        stats: dict[Path, nnx.BatchStat] = {}
+        for path, var in self._params():
+            w = var.get_value()
+            out = w.shape[feature_axis]
+            key = rngs.params()
+            if n_warmup:
+                u = weights.spectral_norm_init(
+                    key, w, axis=feature_axis, n_warmup=n_warmup, eps=epsilon, dtype=param_dtype
+                ).reshape(1, out)
+            else:
+                u = jax.random.normal(key, (1, out), param_dtype)
+            stats[(*path, "u")] = nnx.BatchStat(u)
+            stats[(*path, "sigma")] = nnx.BatchStat(jnp.ones((), param_dtype))
+        self.batch_stats = nnx.data(stats)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        w, u = weights.spectral_norm(
-            _kernel(self.layer),
-            self.u[...],
-            n_steps=self.n_steps,
-            axis=self.feature_axis,
-            eps=self.epsilon,
-            training=not self.use_running_average,
-        )
-        if not self.use_running_average:
-            self.u[...] = u
-        return _call_with_kernel(self.layer, w, *args, **kwargs)
+    def _params(self) -> list[tuple[Path, nnx.Param]]:
+        return [
+            (path, var)
+            for path, var in _selected_params(self.layer_instance, self.variable_filter)
+            if shells.spectral_selected(self, jnp.asarray(var.get_value()), _name(path), "Layer instance parameter")
+        ]
+
+    def __call__(self, *args: Any, update_stats: bool | None = None, **kwargs: Any) -> Any:
+        """Calls the layer with spectrally normalized parameters; ``update_stats`` (default: the
+        module's, ``not use_running_average``): store the new u and σ."""
+        if update_stats is None:
+            update_stats = not self.use_running_average
+        if not isinstance(update_stats, bool):
+            raise TypeError(
+                f"SpectralNorm: update_stats must be a Python bool or None, got {type(update_stats).__name__}: "
+                "True while training (stores u and sigma), False for evaluation."
+            )
+        values, updates = [], []
+        for path, var in self._params():
+            u_path, sigma_path = (*path, "u"), (*path, "sigma")
+            if u_path not in self.batch_stats or sigma_path not in self.batch_stats:
+                raise KeyError(
+                    f"SpectralNorm has no u/sigma for the parameter {_name(path)!r}: the wrapped layer gained "
+                    "parameters after the wrapper was built; build SpectralNorm after the layer is complete."
+                )
+            u_var, sigma_var = self.batch_stats[u_path], self.batch_stats[sigma_path]
+            where = f"batch_stats[{u_path!r}]"
+            w_sn, new_u, sigma = shells.spectral_view(self, var.get_value(), u_var.get_value(), _name(path), where)
+            values.append((var, w_sn))
+            updates.append((u_var, new_u, sigma_var, sigma))
+        y = _call_with(self.layer_instance, values, *args, **kwargs)
+        if update_stats:
+            for u_var, new_u, sigma_var, sigma in updates:
+                u_var.set_value(new_u)
+                sigma_var.set_value(sigma.astype(jnp.asarray(sigma_var.get_value()).dtype))
+        return y
 
 
 __all__ = [

@@ -71,12 +71,7 @@ DELIBERATE: dict[tuple[str, str], tuple[str, str]] = {
 
 # (suite, case-name regex) -> what is still missing: not deliberate, work not yet done. Such a
 # case must still fail (else the entry is stale and this test says so); it is reported as xfail.
-PENDING: dict[tuple[str, str], str] = {
-    ("nnx", r"test_nnx_linen_(weightnorm|spectralnorm)_equivalence\d+"): (
-        "bnjax.nnx.WeightNorm/SpectralNorm do not yet take Flax's constructor keywords "
-        "(layer_instance, feature_axes, use_scale, scale_init, update_stats, ...) nor keep its layout"
-    ),
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _test_files() -> Path:

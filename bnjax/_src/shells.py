@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import methods, statistics
+from bnjax._src import methods, statistics, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
 from bnjax._src.validation import canonical_axes
@@ -178,3 +178,65 @@ def rms_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> ja
 def feature_shape(x: jax.Array, axes: Any) -> tuple[int, ...]:
     x = jnp.asarray(x)
     return tuple(x.shape[a] for a in canonical_axes(axes, x.ndim, shape=x.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight-side wrappers: what linen's and nnx's WeightNorm / SpectralNorm compute per parameter
+
+
+def weight_norm_axes(feature_axes: Any, v: jax.Array, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Flax's ``feature_axes`` of one parameter as (sorted axes, the shape of its g)."""
+    axes = weights._feature_axes(feature_axes, v, f"the parameter {name!r}")
+    return axes, tuple(v.shape[a] for a in axes)
+
+
+def weight_norm_view(v: jax.Array, g: jax.Array | None, axes: tuple[int, ...], eps: float, dtype: Any) -> jax.Array:
+    """w = g·v/‖v‖ computed in the promotion of v's and g's dtypes, returned in ``dtype`` or, when
+    that is None, in that promotion (Flax's dtype rule)."""
+    v = jnp.asarray(v)
+    work = v.dtype if g is None else jnp.promote_types(v.dtype, jnp.asarray(g).dtype)
+    out = work if dtype is None else jnp.dtype(dtype)
+    return weights.weight_norm(v.astype(work), g, axis=axes, eps=eps).astype(out)
+
+
+def spectral_selected(cfg: Any, w: jax.Array, name: str, subject: str) -> bool:
+    """Whether SpectralNorm normalizes this parameter: rank ≥ 2 and ``n_steps`` ≥ 1 (Flax's rule);
+    a ≥3-D one is refused with ``error_on_non_matrix`` (Flax's message begins the error)."""
+    if w.ndim <= 1 or cfg.n_steps < 1:
+        return False
+    if w.ndim > 2 and cfg.error_on_non_matrix:
+        raise ValueError(
+            f"{subject} is {w.ndim}D but error_on_non_matrix is True: the parameter {name!r} has shape "
+            f"{w.shape}; pass error_on_non_matrix=False to normalize it as the matrix "
+            f"(-1, {w.shape[-1]}), or keep it out with variable_filter."
+        )
+    return True
+
+
+def spectral_view(
+    cfg: Any, w: jax.Array, u: jax.Array, name: str, where: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One SpectralNorm call on one parameter, in Flax's order: ``n_steps`` power iterations from
+    the stored u of shape (1, out), σ from the last step's v (``sigma_from="v"``), a zero weight
+    setting u to 0 (``keep_u=False``). Returns (w/σ in ``cfg.dtype`` or the promotion of w's and
+    u's dtypes, the new u (1, out) and σ, both in u's dtype)."""
+    w, u = jnp.asarray(w), jnp.asarray(u)
+    out = w.shape[cfg.feature_axis]
+    if u.shape != (1, out):
+        raise ValueError(
+            f"SpectralNorm: the stored {where} has shape {u.shape} but the parameter {name!r} {w.shape} "
+            f"needs (1, {out}): the state belongs to another layer."
+        )
+    w_sn, new_u, sigma = weights.spectral_norm(
+        w.astype(jnp.promote_types(w.dtype, u.dtype)),
+        u.reshape(out),
+        n_steps=cfg.n_steps,
+        axis=cfg.feature_axis,
+        eps=cfg.epsilon,
+        training=True,
+        sigma_from="v",
+        return_sigma=True,
+        keep_u=False,
+    )
+    dtype = cfg.dtype if cfg.dtype is not None else jnp.result_type(w, u)
+    return w_sn.astype(dtype), new_u.reshape(1, out).astype(u.dtype), sigma.astype(u.dtype)
