@@ -10,10 +10,11 @@ RMS norm        μ = 0, σ² = E[x²] over the features of one example
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from bnjax._src import collective, running, statistics
-from bnjax._src.params import NormParams, check_params
+from bnjax._src.params import NormParams, check_params, with_scale_offset
 from bnjax._src.running import BatchStats
 from bnjax._src.statistics import Moments
 from bnjax._src.transform import Activation, apply_normalization, normalize_with_statistics
@@ -30,8 +31,9 @@ from bnjax._src.validation import (
 
 
 def _affine(params: NormParams, shape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
-    """Reshapes validated params to a broadcast shape against x."""
-    return tuple(None if p is None else p.reshape(shape) for p in params)  # type: ignore[return-value]
+    """Reshapes validated params to a broadcast shape against x; per-example params (x's rank,
+    see ``check_params``) already broadcast and are left as they are."""
+    return tuple(p if p is None or p.ndim == len(shape) else p.reshape(shape) for p in params)  # type: ignore[return-value]
 
 
 def _activate(y: jax.Array, activation: Activation | None) -> jax.Array:
@@ -100,7 +102,8 @@ def batch_norm(
 
     Args:
       x: floating array, e.g. (N, H, W, C) with ``axis=-1`` or (N, C, H, W) with ``axis=1``.
-      params: ``NormParams`` of the feature shape (or ``None``: no affine map).
+      params: ``NormParams`` of the feature shape (or ``None``: no affine map), or per-example
+        (conditional batch norm): x's rank, each dimension 1 or x's, e.g. (N, 1, 1, C).
       stats: ``BatchStats`` of the feature shape, e.g. from ``init_stats(C)``.
       training: Python bool: batch statistics and an update (True) or stored statistics (False).
       axis: the feature axis (or axes); statistics run over all the others.
@@ -255,7 +258,7 @@ def _batch_norm(
     feat = canonical_axes(axis, x.ndim, shape=x.shape)
     reduce = tuple(a for a in range(x.ndim) if a not in feat)
     feature_shape = tuple(x.shape[a] for a in feat)
-    params = check_params(params, feature_shape, f"the feature axis {axis!r} of x {x.shape}")
+    params = check_params(params, feature_shape, f"the feature axis {axis!r} of x {x.shape}", x.shape)
     stats = running.check_stats(stats, feature_shape)
     check_eps(eps, statistics.compute_dtype(x.dtype))
     check_momentum(momentum)
@@ -303,6 +306,7 @@ def layer_norm(
     mask: ArrayLike | None = None,
     axis_name: collective.AxisName | None = None,
     axis_index_groups: collective.Groups | None = None,
+    scale_offset: float = 0.0,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Layer normalization: statistics over the features of each example.
@@ -316,7 +320,8 @@ def layer_norm(
 
     Args:
       x: floating array, e.g. (batch, ..., features).
-      params: ``NormParams`` of shape ``x.shape[feature_axis]`` (or ``None``).
+      params: ``NormParams`` of shape ``x.shape[feature_axis]`` (or ``None``), or per-example
+        (FiLM, AdaLN): x's rank, each dimension 1 or x's, e.g. (N, 1, C) for x (N, T, C).
       axis: normalized axis or axes, e.g. ``-1`` or ``(1, 2, 3)`` for (N, H, W, C).
       eps: ε > 0.
       activation: optional f.
@@ -331,6 +336,9 @@ def layer_norm(
         ``jit`` (sharded or not: XLA reduces across shards itself).
       axis_index_groups: optional partition of the participants of ``axis_name`` into groups
         that each hold one whole row.
+      scale_offset: a number c: the gain is c + g, formed in float32 (zero-centred g, as
+        Gemma's and Qwen3-Next's RMS norm with c = 1; a small bfloat16 g is not lost in the
+        addition). Needs ``params.scale``. Default 0: the gain is g itself.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -350,7 +358,8 @@ def layer_norm(
     feat = axes if feature_axis is None else canonical_axes(feature_axis, x.ndim, name="feature_axis", shape=x.shape)
     check_eps(eps, statistics.compute_dtype(x.dtype))
     feature_shape = tuple(x.shape[a] for a in feat)
-    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}", x.shape)
+    params = with_scale_offset(params, scale_offset, x.dtype)
     mask = check_mask(mask, x)
     size = statistics.reduced_size(x.shape, axes) * _participants(axis_name, axis_index_groups)
     _require_several(size, f"x {x.shape} over axis {axis!r}", "layer_norm")
@@ -423,7 +432,14 @@ def _grouped(
         mask_split = split if mask.shape[axis] == channels else (1, 1)
         mask = mask.reshape(mask.shape[:axis] + mask_split + mask.shape[axis + 1 :])
     pshape = broadcast_shape_for(split, (axis, axis + 1), xg.ndim)
-    scale, bias = _affine(params, pshape)
+
+    def grouped(p: jax.Array | None) -> jax.Array | None:
+        if p is None or p.ndim != x.ndim:  # channel params (C,): laid out by _affine
+            return p
+        # per-example params of x's rank: their channel axis is split like x's (or stays broadcast)
+        return p.reshape(p.shape[:axis] + (split if p.shape[axis] == channels else (1, 1)) + p.shape[axis + 1 :])
+
+    scale, bias = _affine(NormParams(grouped(params.scale), grouped(params.bias)), pshape)
     y = normalize_with_statistics(
         xg,
         scale,
@@ -476,6 +492,7 @@ def group_norm(
     reduction_axes: Axes | None = None,
     axis_name: collective.AxisName | None = None,
     axis_index_groups: collective.Groups | None = None,
+    scale_offset: float = 0.0,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Group normalization: per example, statistics over each group of channels and all spatial axes.
@@ -490,7 +507,8 @@ def group_norm(
 
     Args:
       x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``).
-      params: ``NormParams`` of shape (C,) (or ``None``).
+      params: ``NormParams`` of shape (C,) (or ``None``), or per-example: x's rank, each
+        dimension 1 or x's, e.g. (N, 1, 1, C).
       num_groups: G, a divisor of C (an int; NumPy integers too).
       axis: channel axis (not 0).
       eps: ε > 0.
@@ -504,6 +522,9 @@ def group_norm(
       axis_name: mapped axis name(s) over which the reduced axes are split (e.g. the spatial
         axes sharded under ``shard_map``): statistics over every participant's elements.
       axis_index_groups: optional partition of the participants of ``axis_name`` into groups.
+      scale_offset: a number c: the gain is c + g, formed in float32 (zero-centred g, as
+        Gemma's and Qwen3-Next's RMS norm with c = 1; a small bfloat16 g is not lost in the
+        addition). Needs ``params.scale``. Default 0: the gain is g itself.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -528,7 +549,8 @@ def group_norm(
     num_groups = check_int(num_groups, "num_groups", 1, f": a divisor of {where}, one of {divisors}")
     if channels % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide {where}: use one of {divisors}.")
-    params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}")
+    params = check_params(params, (channels,), f"the channel axis {axis} of x {x.shape}", x.shape)
+    params = with_scale_offset(params, scale_offset, x.dtype)
     mask = check_mask(mask, x)
     spatial = tuple(x.shape[a] for a in reduce)
     what = f"{channels // num_groups} channel(s) per group × {spatial} over the axes {reduce}"
@@ -560,6 +582,7 @@ def instance_norm(
     mask: ArrayLike | None = None,
     axis_name: collective.AxisName | None = None,
     axis_index_groups: collective.Groups | None = None,
+    scale_offset: float = 0.0,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Instance normalization: statistics over the spatial axes, per example and channel.
@@ -571,7 +594,8 @@ def instance_norm(
     Args:
       x: floating array (N, ..., C) (``axis=-1``) or (N, C, ...) (``axis=1``) with at least one
         spatial axis of total size > 1.
-      params: ``NormParams`` of the channel shape, (C,) (or ``None``).
+      params: ``NormParams`` of the channel shape, (C,) (or ``None``), or per-example: x's
+        rank, each dimension 1 or x's, e.g. (N, 1, 1, C).
       axis: the channel axis, or several (a tuple, e.g. ``(1, 2)``: one statistic and one g, b per
         entry of those axes); never axis 0, the batch axis.
       eps: ε > 0.
@@ -581,6 +605,9 @@ def instance_norm(
       axis_name: mapped axis name(s) over which the spatial axes are split: statistics over every
         participant's positions.
       axis_index_groups: optional partition of the participants of ``axis_name`` into groups.
+      scale_offset: a number c: the gain is c + g, formed in float32 (zero-centred g, as
+        Gemma's and Qwen3-Next's RMS norm with c = 1; a small bfloat16 g is not lost in the
+        addition). Needs ``params.scale``. Default 0: the gain is g itself.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -608,7 +635,8 @@ def instance_norm(
         )
     check_eps(eps, statistics.compute_dtype(x.dtype))
     feature_shape = tuple(x.shape[a] for a in feat)
-    params = check_params(params, feature_shape, f"the channel axis {axis!r} of x {x.shape}")
+    params = check_params(params, feature_shape, f"the channel axis {axis!r} of x {x.shape}", x.shape)
+    params = with_scale_offset(params, scale_offset, x.dtype)
     mask = check_mask(mask, x)
     reduce = tuple(a for a in range(1, x.ndim) if a not in feat)
     size = statistics.reduced_size(x.shape, reduce) * _participants(axis_name, axis_index_groups)
@@ -630,6 +658,8 @@ def rms_norm(
     feature_axis: Axes | None = None,
     axis_name: collective.AxisName | None = None,
     axis_index_groups: collective.Groups | None = None,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
     fused_backward: bool = True,
 ) -> jax.Array:
     """Root-mean-square normalization: σ² = E[x²] over the features, no centering (μ = 0).
@@ -638,7 +668,8 @@ def rms_norm(
 
     Args:
       x: floating array, e.g. (batch, ..., features).
-      params: ``NormParams`` of shape ``x.shape[axis]``; ``bias`` usually ``None``
+      params: ``NormParams`` of shape ``x.shape[axis]`` (or per-example, x's rank, as for
+        ``layer_norm``); ``bias`` usually ``None``
         (``init_params(C, use_bias=False)``).
       axis: normalized axis or axes.
       eps: ε > 0 (default 1e-6).
@@ -652,6 +683,15 @@ def rms_norm(
         ``jit`` (sharded or not: XLA reduces across shards itself).
       axis_index_groups: optional partition of the participants of ``axis_name`` into groups
         that each hold one whole row.
+      scale_offset: a number c: the gain is c + g, formed in float32 (zero-centred g, as
+        Gemma's and Qwen3-Next's RMS norm with c = 1; a small bfloat16 g is not lost in the
+        addition). Needs ``params.scale``. Default 0: the gain is g itself.
+      cast_before_scale: the order of the last two steps. ``False`` (default): g·x̂ + b in
+        float32, then cast to x's dtype (the order of Gemma's and T5X/Flax's RMS norm).
+        ``True``: x̂ is cast to x's dtype first, then multiplied by g in the promotion of x's and
+        g's dtypes (Llama's and Hugging Face T5's order: with bfloat16 x and g the product is
+        rounded in bfloat16), then cast to x's dtype. Ported weights give the original model's
+        outputs only in its own order.
       fused_backward: closed-form custom VJP (default) or autodiff (``False``, for forward mode).
 
     Returns:
@@ -671,16 +711,20 @@ def rms_norm(
     feat = axes if feature_axis is None else canonical_axes(feature_axis, x.ndim, name="feature_axis", shape=x.shape)
     check_eps(eps, statistics.compute_dtype(x.dtype))
     feature_shape = tuple(x.shape[a] for a in feat)
-    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}")
+    params = check_params(params, feature_shape, f"the normalized axes {axis!r} of x {x.shape}", x.shape)
+    params = with_scale_offset(params, scale_offset, x.dtype)
     mask = check_mask(mask, x)
     _participants(axis_name, axis_index_groups)  # a clear error for an unbound name, here too
-    return _per_row(
+    if not isinstance(cast_before_scale, bool):
+        raise TypeError(f"cast_before_scale must be a Python bool, got {type(cast_before_scale).__name__}.")
+    # cast_before_scale: the core gives x̂ in x's dtype, scaled here (outside the fused pass)
+    y = _per_row(
         x,
-        params,
+        NormParams(None, None) if cast_before_scale else params,
         feat,
         axes,
         eps,
-        activation,
+        None if cast_before_scale else activation,
         mask,
         axis_name,
         axis_index_groups,
@@ -688,3 +732,17 @@ def rms_norm(
         "rms_norm",
         center=False,
     )
+    if not cast_before_scale:
+        return y
+    scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
+
+    def affine(v: jax.Array) -> jax.Array:
+        v = v if scale is None else v * scale
+        return v if bias is None else v + bias
+
+    if mask is not None:  # padding stays a constant for differentiation, as in the core (no 0·NaN into dg)
+        padding = jax.lax.stop_gradient(affine(y))
+        return _activate(
+            jnp.where(mask, affine(jnp.where(mask, y, jnp.zeros((), y.dtype))), padding).astype(x.dtype), activation
+        )
+    return _activate(affine(y).astype(x.dtype), activation)

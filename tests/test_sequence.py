@@ -1,0 +1,148 @@
+"""Sequence-model options of layer and RMS norm: scale_offset (zero-centred gains) and
+rms_norm's cast_before_scale, against float64 NumPy and transcriptions of the PyTorch reference
+formulas of Llama's and Gemma's RMS norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnjax
+from tests import reference as ref
+from tests.helpers import close, data
+
+METHODS = {
+    "layer_norm": (bnjax.layer_norm, lambda x, g: ref.layer_norm(x, g, None)),
+    "rms_norm": (bnjax.rms_norm, lambda x, g: ref.rms_norm(x, g, eps=1e-6)),
+    "group_norm": (
+        lambda x, p, **k: bnjax.group_norm(x, p, num_groups=2, **k),
+        lambda x, g: ref.group_norm(x, g, None, 2),
+    ),
+    "instance_norm": (bnjax.instance_norm, lambda x, g: ref.instance_norm(x, g, None)),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_scale_offset_is_the_gain_offset_plus_scale(name, fused):
+    method, reference = METHODS[name]
+    x, _ = data((3, 4, 8), seed=1)
+    g = jax.random.normal(jax.random.key(0), (8,)) * 0.1
+    p = bnjax.NormParams(g, None)
+    y = method(x, p, scale_offset=1.0, fused_backward=fused)
+    close(y, reference(x, 1.0 + ref.f64(g)))
+    # the gradient with respect to g is that of the gain 1 + g
+    dy = jax.random.normal(jax.random.key(1), x.shape)
+    got = jax.grad(
+        lambda g: jnp.sum(method(x, bnjax.NormParams(g, None), scale_offset=1.0, fused_backward=fused) * dy)
+    )(g)
+    want = jax.grad(lambda g: jnp.sum(method(x, bnjax.NormParams(1.0 + g, None), fused_backward=fused) * dy))(g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # traced offset: an operand like eps
+    y_traced = jax.jit(lambda c: method(x, p, scale_offset=c, fused_backward=fused))(1.0)
+    np.testing.assert_allclose(y_traced, y, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_offset_keeps_a_small_bfloat16_scale():
+    # 1 + 1e-3 is 1 in bfloat16 (its spacing at 1 is 2^-7): formed in float32 the gain keeps it
+    x, _ = data((2, 64), seed=2)
+    g = jnp.full((64,), 1e-3, jnp.bfloat16)
+    y = bnjax.rms_norm(x, bnjax.NormParams(g, None), scale_offset=1.0)
+    lost = bnjax.rms_norm(x, bnjax.NormParams(jnp.ones((64,), jnp.bfloat16) + g, None))
+    close(y, ref.rms_norm(x, 1.0 + ref.f64(g), eps=1e-6))
+    assert float(jnp.max(jnp.abs(y - lost))) > 1e-3
+
+
+def test_scale_offset_and_cast_before_scale_errors():
+    x, _ = data((2, 8), seed=3)
+    with pytest.raises(TypeError, match="scale_offset must be a real number"):
+        bnjax.rms_norm(x, bnjax.init_params(8), scale_offset="1")
+    with pytest.raises(ValueError, match=r"scale_offset=1\.0 offsets params\.scale, which is None"):
+        bnjax.layer_norm(x, None, scale_offset=1.0)
+    with pytest.raises(ValueError, match="scale_offset must be a scalar"):
+        bnjax.layer_norm(x, bnjax.init_params(8), scale_offset=jnp.ones(8))
+    with pytest.raises(TypeError, match="cast_before_scale must be a Python bool"):
+        bnjax.rms_norm(x, bnjax.init_params(8), cast_before_scale=1)
+    # scale_offset=0 is the plain method, bit for bit
+    p = bnjax.init_params(8)
+    np.testing.assert_array_equal(bnjax.layer_norm(x, p, scale_offset=0.0), bnjax.layer_norm(x, p))
+
+
+def test_cast_before_scale_against_float64_with_mask_and_gradients():
+    x, x64 = data((4, 6, 16), dtype=jnp.bfloat16, seed=4)
+    mask = jnp.arange(6)[None, :, None] < jnp.array([6, 2, 0, 5])[:, None, None]
+    poisoned = jnp.where(mask, x, jnp.asarray(jnp.nan, x.dtype))
+    g = (1.0 + 0.1 * jax.random.normal(jax.random.key(5), (16,))).astype(jnp.bfloat16)
+    p = bnjax.NormParams(g, None)
+    y = bnjax.rms_norm(poisoned, p, mask=mask, cast_before_scale=True)
+    xhat = ref.rms_norm(x64, None, eps=1e-6).astype(np.float32)
+    expected = np.asarray((jnp.asarray(xhat).astype(jnp.bfloat16) * g[None, None]).astype(jnp.float32), np.float64)
+    m = np.broadcast_to(np.asarray(mask), x.shape)
+    np.testing.assert_allclose(np.asarray(y, np.float64)[m], expected[m], rtol=2**-7, atol=0)
+    for fused in (True, False):
+
+        def loss(x, g, fused=fused):
+            y = bnjax.rms_norm(x, bnjax.NormParams(g, None), mask=mask, cast_before_scale=True, fused_backward=fused)
+            return jnp.sum(jnp.where(mask, y, 0).astype(jnp.float32) ** 2)
+
+        gx, gg = jax.grad(loss, argnums=(0, 1))(poisoned, g)
+        assert bool(jnp.all(jnp.isfinite(gg))) and bool(jnp.all(jnp.isfinite(jnp.where(mask, gx, 0))))
+        clean = jax.grad(loss, argnums=(0, 1))(jnp.where(mask, x, 0), g)
+        np.testing.assert_array_equal(gg, clean[1])  # padding values reach no gradient
+
+
+# --- the PyTorch reference formulas, transcribed -----------------------------------------------
+
+
+def _llama_rms_norm(torch, hidden, weight, eps):
+    # Llama (Hugging Face LlamaRMSNorm.forward): normalize in float32, cast back, then scale
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(dtype)
+
+
+def _gemma_rms_norm(torch, x, weight, eps):
+    # Gemma (Hugging Face GemmaRMSNorm.forward): zero-centred weight, scaled in float32, cast last
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+    out = out * (1.0 + weight.float())
+    return out.type_as(x)
+
+
+def test_rms_norm_orders_reproduce_llama_and_gemma_in_bfloat16():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    n, c = 256, 512
+    xt = torch.tensor(rng.standard_normal((n, c)).astype(np.float32) * 3).to(torch.bfloat16)
+    w_llama = torch.tensor((1 + 0.1 * rng.standard_normal(c)).astype(np.float32)).to(torch.bfloat16)
+    w_gemma = torch.tensor((0.1 * rng.standard_normal(c)).astype(np.float32)).to(torch.bfloat16)
+
+    def jx(t):
+        return jnp.asarray(t.float().numpy()).astype(jnp.bfloat16)
+
+    def bits_differ(a, b):
+        return int((np.asarray(a.astype(jnp.float32)) != b.float().numpy()).sum())
+
+    rms = jax.jit(bnjax.rms_norm, static_argnames=("cast_before_scale",))
+    llama = _llama_rms_norm(torch, xt, w_llama, 1e-6)
+    gemma = _gemma_rms_norm(torch, xt, w_gemma, 1e-6)
+    llama_ours = rms(jx(xt), bnjax.NormParams(jx(w_llama), None), eps=1e-6, cast_before_scale=True)
+    gemma_ours = rms(jx(xt), bnjax.NormParams(jx(w_gemma), None), eps=1e-6, scale_offset=1.0)
+    # Llama's order: bit-exact. Gemma's: the float32 statistics differ from PyTorch's by a few
+    # units in the last place (the order of the sum in mean(x²), and rsqrt), which moves a
+    # handful of elements that sit on a bfloat16 rounding boundary by one bfloat16 unit.
+    assert bits_differ(llama_ours, llama) == 0
+    assert bits_differ(gemma_ours, gemma) <= n * c * 1e-4
+    ulp = np.abs(np.asarray(gemma_ours.astype(jnp.float32)) - gemma.float().numpy()) / np.maximum(
+        np.abs(gemma.float().numpy()), 1e-30
+    )
+    assert ulp.max() <= 2**-7
+    # the other order is not a rounding away: a quarter of the elements differ
+    wrong_llama = rms(jx(xt), bnjax.NormParams(jx(w_llama), None), eps=1e-6)
+    wrong_gemma = rms(jx(xt), bnjax.NormParams(jx(w_gemma), None), eps=1e-6, scale_offset=1.0, cast_before_scale=True)
+    assert bits_differ(wrong_llama, llama) > n * c // 10
+    assert bits_differ(wrong_gemma, gemma) > n * c // 10
