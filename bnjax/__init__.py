@@ -5,6 +5,7 @@ Every method is an instance of h = f(g · (x − μ)/√(σ² + ε) + b); they d
 """
 
 from bnjax._src.methods import batch_norm as batch_norm
+from bnjax._src.methods import dyt as dyt
 from bnjax._src.methods import group_norm as group_norm
 from bnjax._src.methods import instance_norm as instance_norm
 from bnjax._src.methods import layer_norm as layer_norm
@@ -33,6 +34,7 @@ __all__ = [
     "batch_norm",
     "cosine_norm",
     "cosine_norm_conv",
+    "dyt",
     "group_norm",
     "init_params",
     "init_stats",

@@ -145,7 +145,9 @@ class LayerNorm(_Normalization):
     """Layer normalization (Ba et al. 2016) as a linen module; see ``bnjax.layer_norm``.
 
     Math: y = f(g·(x − μ)/√(σ² + ε) + b), μ, σ² over ``reduction_axes`` of each example;
-    g, b over ``feature_axes``. Defaults as ``flax.linen.LayerNorm`` (ε = 1e-6).
+    g, b over ``feature_axes``. Defaults as ``flax.linen.LayerNorm`` (ε = 1e-6). bnjax's extra
+    ``scale_offset`` c makes the gain c + g (formed in float32); g still starts at
+    ``scale_init`` (pass ``nn.initializers.zeros`` with c = 1 for a zero-centred g).
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -157,6 +159,7 @@ class LayerNorm(_Normalization):
 
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
@@ -229,6 +232,9 @@ class RMSNorm(_Normalization):
 
     Math: y = f(g·x/√(mean(x²) + ε) + b), the mean over ``reduction_axes``; g (and b) over
     ``feature_axes``; b only with ``use_bias=True`` (Flax's RMSNorm has none); ε = 1e-6.
+    bnjax's extras: ``scale_offset`` c (gain c + g, formed in float32; Gemma: c = 1 with
+    ``scale_init=nn.initializers.zeros``) and ``cast_before_scale`` (Llama's order); see
+    ``bnjax.rms_norm``.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -241,11 +247,48 @@ class RMSNorm(_Normalization):
     use_bias: bool = False  # no re-shift by default, as Flax (which has no bias at all)
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
+    scale_offset: float = 0.0
+    cast_before_scale: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
         """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
         return shells.rms_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025) as a linen module, a drop-in for LayerNorm in transformers;
+    see ``bnjax.dyt``.
+
+    Math: y = f(g·tanh(α·x) + b), α a learned scalar (param ``alpha``, initialized to
+    ``alpha_init_value``, the paper's 0.5), g (``scale``) and b (``bias``) over ``feature_axes``.
+    Output dtype as the other shells (``dtype``, or the promotion of x's and the parameters').
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.DyT()
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+      >>> jax.tree.map(jnp.shape, variables["params"])
+      {'alpha': (), 'bias': (4,), 'scale': (4,)}
+
+    References:
+      Zhu, Chen, He, LeCun & Liu 2025, "Transformers without Normalization".
+    """
+
+    alpha_init_value: float = 0.5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+    feature_axes: Axes = -1
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init_value), (), self.param_dtype)
+        return shells.dyt(self, x, alpha, _affine(self, shells.feature_shape(x, self.feature_axes)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +665,7 @@ __all__ = [
     "BatchNorm",
     "CosineConv",
     "CosineDense",
+    "DyT",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",

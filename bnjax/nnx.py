@@ -163,7 +163,9 @@ class LayerNorm(_Normalization):
     """Layer normalization (Ba et al. 2016) as an NNX module; see ``bnjax.layer_norm``.
 
     Math: y = f(g·(x − μ)/√(σ² + ε) + b), μ, σ² over ``reduction_axes`` of each example, g and b of
-    shape ``(num_features,)`` on ``feature_axes``. Keywords and defaults as ``flax.nnx.LayerNorm``.
+    shape ``(num_features,)`` on ``feature_axes``. Keywords and defaults as ``flax.nnx.LayerNorm``;
+    bnjax's extra ``scale_offset`` c makes the gain c + g (formed in float32; g still starts at
+    ``scale_init``: pass ``nnx.initializers.zeros`` with c = 1 for a zero-centred g).
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -195,6 +197,7 @@ class LayerNorm(_Normalization):
         scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
+        scale_offset: float = 0.0,
         rngs: nnx.Rngs,
     ):
         self._configure(
@@ -218,6 +221,7 @@ class LayerNorm(_Normalization):
             promote_dtype=promote_dtype,
             activation=activation,
             fused_backward=fused_backward,
+            scale_offset=scale_offset,
         )
 
 
@@ -350,7 +354,10 @@ class RMSNorm(_Normalization):
     """RMS normalization (Zhang & Sennrich 2019) as an NNX module; see ``bnjax.rms_norm``.
 
     Math: y = f(g·x/√(mean(x²) + ε)), the mean over ``reduction_axes``, g of shape
-    ``(num_features,)`` on ``feature_axes``; no bias (as Flax).
+    ``(num_features,)`` on ``feature_axes``; no bias (as Flax). bnjax's extras:
+    ``scale_offset`` c (gain c + g, formed in float32; Gemma: c = 1 with
+    ``scale_init=nnx.initializers.zeros``) and ``cast_before_scale`` (Llama's order); see
+    ``bnjax.rms_norm``.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -379,6 +386,8 @@ class RMSNorm(_Normalization):
         scale_metadata: Mapping[str, Any] = _EMPTY,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         fused_backward: bool = True,
+        scale_offset: float = 0.0,
+        cast_before_scale: bool = False,
         rngs: nnx.Rngs,
     ):
         self._configure(
@@ -402,7 +411,55 @@ class RMSNorm(_Normalization):
             promote_dtype=promote_dtype,
             activation=activation,
             fused_backward=fused_backward,
+            scale_offset=scale_offset,
+            cast_before_scale=cast_before_scale,
         )
+
+
+class DyT(nnx.Module):
+    """Dynamic Tanh (Zhu et al. 2025) as an NNX module, a drop-in for LayerNorm in transformers;
+    see ``bnjax.dyt``.
+
+    Math: y = f(g·tanh(α·x) + b), α a learned scalar ``nnx.Param`` (``alpha``, initialized to
+    ``alpha_init_value``, the paper's 0.5), g (``scale``) and b (``bias``) of shape
+    ``(num_features,)`` on ``feature_axes``.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> layer = bnjax.nnx.DyT(4, rngs=nnx.Rngs(0))
+      >>> float(layer.alpha[...]), layer(jnp.ones((2, 4))).shape
+      (0.5, (2, 4))
+
+    References:
+      Zhu, Chen, He, LeCun & Liu 2025, "Transformers without Normalization".
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        alpha_init_value: float = 0.5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = _zeros,
+        scale_init: Initializer = _ones,
+        feature_axes: Axes = -1,
+        activation: Callable[[jax.Array], jax.Array] | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.num_features, self.dtype, self.param_dtype = num_features, dtype, param_dtype
+        self.feature_axes, self.activation = feature_axes, activation
+        self.promote_dtype = None
+        shape = (num_features,)
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype)) if use_scale else None
+        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else None
+        self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return shells.dyt(self, x, self.alpha[...], NormParams(_value(self.scale), _value(self.bias)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,6 +861,7 @@ __all__ = [
     "BatchNorm",
     "CosineConv",
     "CosineDense",
+    "DyT",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",

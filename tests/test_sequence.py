@@ -146,3 +146,99 @@ def test_rms_norm_orders_reproduce_llama_and_gemma_in_bfloat16():
     wrong_gemma = rms(jx(xt), bnjax.NormParams(jx(w_gemma), None), eps=1e-6, scale_offset=1.0, cast_before_scale=True)
     assert bits_differ(wrong_llama, llama) > n * c // 10
     assert bits_differ(wrong_gemma, gemma) > n * c // 10
+
+
+# --- DyT -------------------------------------------------------------------------------------
+
+
+def _np_dyt(x, alpha, g, b):
+    return np.tanh(float(alpha) * ref.f64(x)) * ref.f64(g) + ref.f64(b)
+
+
+def test_dyt_against_float64_values_and_gradients():
+    x, x64 = data((3, 5, 8), seed=7, loc=0.0, scale=2.0)
+    alpha = jnp.asarray(0.7)
+    p = bnjax.NormParams(
+        1.0 + 0.1 * jax.random.normal(jax.random.key(0), (8,)), jax.random.normal(jax.random.key(1), (8,))
+    )
+    close(bnjax.dyt(x, alpha, p), _np_dyt(x64, alpha, p.scale, p.bias))
+    dy = np.asarray(jax.random.normal(jax.random.key(2), x.shape), np.float64)
+    ga, gg, gb, gx = jax.grad(
+        lambda a, g, b, x: jnp.sum(bnjax.dyt(x, a, bnjax.NormParams(g, b)) * dy), argnums=(0, 1, 2, 3)
+    )(alpha, p.scale, p.bias, x)
+    t = np.tanh(0.7 * x64)
+    g64 = ref.f64(p.scale)
+    np.testing.assert_allclose(ga, np.sum(dy * g64 * x64 * (1 - t * t)), rtol=1e-4)
+    np.testing.assert_allclose(gg, np.sum(dy * t, axis=(0, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gb, np.sum(dy, axis=(0, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, dy * g64 * 0.7 * (1 - t * t), rtol=1e-4, atol=1e-6)
+    # bfloat16 in, bfloat16 out, computed in float32; per-example params broadcast
+    xb = x.astype(jnp.bfloat16)
+    yb = bnjax.dyt(xb, alpha, p)
+    assert yb.dtype == jnp.bfloat16
+    close(yb, _np_dyt(xb.astype(jnp.float32), alpha, p.scale, p.bias), jnp.bfloat16)
+    per = bnjax.NormParams(jnp.ones((3, 1, 8)) * 2.0, None)
+    close(bnjax.dyt(x, alpha, per), 2.0 * np.tanh(0.7 * x64))
+
+
+def test_dyt_against_the_papers_pytorch_module():
+    torch = pytest.importorskip("torch")
+    x, _ = data((4, 6), seed=8)
+    g, b = np.linspace(0.5, 1.5, 6).astype(np.float32), np.linspace(-1, 1, 6).astype(np.float32)
+    # the paper's DynamicTanh (channels last): x = tanh(alpha * x); x * weight + bias
+    xt = torch.tanh(torch.tensor(0.5) * torch.tensor(np.asarray(x)))
+    expected = (xt * torch.tensor(g) + torch.tensor(b)).numpy()
+    np.testing.assert_allclose(bnjax.dyt(x, jnp.asarray(0.5), bnjax.NormParams(g, b)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dyt_errors():
+    x, _ = data((2, 4), seed=9)
+    with pytest.raises(ValueError, match="alpha must be a scalar"):
+        bnjax.dyt(x, jnp.ones(4), None)
+    with pytest.raises(TypeError, match="alpha must be a floating-point array"):
+        bnjax.dyt(x, jnp.asarray(1), None)
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        bnjax.dyt(jnp.ones((2, 4), jnp.int32), jnp.asarray(0.5), None)
+    with pytest.raises(ValueError, match=r"params.scale has shape \(3,\)"):
+        bnjax.dyt(x, jnp.asarray(0.5), bnjax.init_params(3))
+
+
+# --- the Flax shells -------------------------------------------------------------------------
+
+
+def test_flax_shells_take_scale_offset_cast_before_scale_and_dyt():
+    import flax.linen as nn
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    x, x64 = data((3, 8), dtype=jnp.bfloat16, seed=10)
+    zeros = nn.initializers.zeros
+    lin = bnjax.linen.RMSNorm(scale_offset=1.0, scale_init=zeros, cast_before_scale=True, param_dtype=jnp.bfloat16)
+    v = lin.init(jax.random.key(0), x)
+    g = v["params"]["scale"]
+    assert g.dtype == jnp.bfloat16 and float(jnp.abs(g).max()) == 0.0  # zero-centred: the gain starts at 1
+    want = bnjax.rms_norm(x, bnjax.NormParams(g, None), scale_offset=1.0, cast_before_scale=True)
+    np.testing.assert_array_equal(lin.apply(v, x), want)
+    mod = bnjax.nnx.RMSNorm(
+        8, scale_offset=1.0, scale_init=zeros, cast_before_scale=True, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    np.testing.assert_array_equal(mod(x), want)
+
+    ln = bnjax.linen.LayerNorm(scale_offset=1.0, scale_init=zeros)
+    v = ln.init(jax.random.key(0), x)
+    close(ln.apply(v, x), ref.layer_norm(x64, np.ones(8), np.zeros(8), eps=1e-6), jnp.bfloat16)
+    mod = bnjax.nnx.LayerNorm(8, scale_offset=1.0, scale_init=zeros, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(mod(x), ln.apply(v, x))
+
+    dl = bnjax.linen.DyT()
+    v = dl.init(jax.random.key(0), x)
+    assert float(v["params"]["alpha"]) == 0.5 and v["params"]["scale"].shape == (8,)
+    dn = bnjax.nnx.DyT(8, rngs=nnx.Rngs(0))
+    y = dl.apply(v, x)
+    assert y.dtype == jnp.float32  # Flax's dtype rule: bf16 x with float32 params
+    np.testing.assert_array_equal(y, dn(x))
+    close(y, _np_dyt(x64, 0.5, np.ones(8), np.zeros(8)))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(dn)
+    assert float(jnp.abs(grads.alpha[...])) > 0

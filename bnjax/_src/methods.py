@@ -746,3 +746,62 @@ def rms_norm(
             jnp.where(mask, affine(jnp.where(mask, y, jnp.zeros((), y.dtype))), padding).astype(x.dtype), activation
         )
     return _activate(affine(y).astype(x.dtype), activation)
+
+
+def dyt(
+    x: ArrayLike,
+    alpha: ArrayLike,
+    params: NormParams | None,
+    *,
+    axis: Axes = -1,
+    activation: Activation | None = None,
+) -> jax.Array:
+    """Dynamic Tanh (DyT): the normalization-free replacement of layer norm in transformers.
+
+    Math:  y = f( g · tanh(α · x) + b )
+
+    with α a learned scalar (the paper initializes it to 0.5; larger models use smaller values)
+    and g, b per feature. No statistics: each element is squashed on its own, so DyT has no
+    running state, no mask (padding affects nothing anyway) and no collective under sharding.
+    Computed in float32 (or wider) for low-precision x, returned in x's dtype; gradients by
+    autodiff (an elementwise map, which XLA fuses into one loop).
+
+    Args:
+      x: floating array, e.g. (batch, tokens, features).
+      alpha: α, a floating scalar (a parameter; traced, differentiated).
+      params: ``NormParams`` of shape ``x.shape[axis]`` (or per-example, x's rank, each
+        dimension 1 or x's), or ``None`` (g = 1, b = 0).
+      axis: the feature axis or axes of g and b.
+      activation: optional f.
+
+    Returns:
+      y, x's shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> y = bnjax.dyt(jnp.array([[0.0, 2.0, -2.0]]), jnp.array(0.5), bnjax.init_params(3))
+      >>> [round(float(v), 4) for v in y[0]]  # tanh(0.5·x)
+      [0.0, 0.7616, -0.7616]
+
+    References:
+      Zhu, Chen, He, LeCun & Liu 2025, "Transformers without Normalization".
+    """
+    x = check_floating(x)
+    alpha = check_floating(alpha, "alpha")
+    if alpha.ndim != 0:
+        raise ValueError(
+            f"alpha must be a scalar (one learned α per layer, as in the paper), got shape {alpha.shape}; "
+            "per-channel α is not DyT's form."
+        )
+    feat = canonical_axes(axis, x.ndim, shape=x.shape)
+    feature_shape = tuple(x.shape[a] for a in feat)
+    params = check_params(params, feature_shape, f"the feature axis {axis!r} of x {x.shape}", x.shape)
+    scale, bias = _affine(params, broadcast_shape_for(feature_shape, feat, x.ndim))
+    dtype = jnp.promote_types(statistics.compute_dtype(x.dtype), statistics.compute_dtype(alpha.dtype))
+    with jax.named_scope("bnjax.dyt"):
+        y = jnp.tanh(alpha.astype(dtype) * x.astype(dtype))
+        if scale is not None:
+            y = y * scale.astype(dtype)
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        return _activate(y, activation).astype(x.dtype)

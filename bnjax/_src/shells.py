@@ -123,10 +123,23 @@ def _per_example(method: Any, cfg: Any, x: Any, params: NormParams, mask: Any, *
     return y.astype(out_dtype)
 
 
-def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
+def _rows(method: Any, cfg: Any, x: Any, params: NormParams, mask: Any, **specific: Any) -> jax.Array:
+    """Layer and RMS norm: the row axes, the feature axes and the gain offset of the shell."""
     return _per_example(
-        methods.layer_norm, cfg, x, params, mask, axis=cfg.reduction_axes, feature_axis=cfg.feature_axes
+        method,
+        cfg,
+        x,
+        params,
+        mask,
+        axis=cfg.reduction_axes,
+        feature_axis=cfg.feature_axes,
+        scale_offset=cfg.scale_offset,
+        **specific,
     )
+
+
+def layer_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
+    return _rows(methods.layer_norm, cfg, x, params, mask)
 
 
 def num_groups(cfg: Any, channels: int) -> int:
@@ -172,7 +185,13 @@ def instance_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) 
 
 
 def rms_norm(cfg: Any, x: jax.Array, params: NormParams, mask: Any = None) -> jax.Array:
-    return _per_example(methods.rms_norm, cfg, x, params, mask, axis=cfg.reduction_axes, feature_axis=cfg.feature_axes)
+    return _rows(methods.rms_norm, cfg, x, params, mask, cast_before_scale=cfg.cast_before_scale)
+
+
+def dyt(cfg: Any, x: jax.Array, alpha: jax.Array, params: NormParams) -> jax.Array:
+    """DyT with Flax's dtype rule (``promote``, α included in the promotion)."""
+    x, params, out_dtype = promote(cfg, x, params, extra=(alpha,))
+    return methods.dyt(x, alpha, params, axis=cfg.feature_axes, activation=cfg.activation).astype(out_dtype)
 
 
 def feature_shape(x: jax.Array, axes: Any) -> tuple[int, ...]:
