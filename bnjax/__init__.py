@@ -4,6 +4,8 @@ Every method is an instance of h = f(g · (x − μ)/√(σ² + ε) + b); they d
 σ² come from. See README.md for the conventions.
 """
 
+from bnjax._src.methods import add_layer_norm as add_layer_norm
+from bnjax._src.methods import add_rms_norm as add_rms_norm
 from bnjax._src.methods import batch_norm as batch_norm
 from bnjax._src.methods import dyt as dyt
 from bnjax._src.methods import group_norm as group_norm
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchStats",
     "NormParams",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "cosine_norm",
     "cosine_norm_conv",

@@ -242,3 +242,59 @@ def test_flax_shells_take_scale_offset_cast_before_scale_and_dyt():
     close(y, _np_dyt(x64, 0.5, np.ones(8), np.zeros(8)))
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(dn)
     assert float(jnp.abs(grads.alpha[...])) > 0
+
+
+# --- residual add + norm ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+def test_add_norm_values_dtypes_and_gradients(name):
+    fn = getattr(bnjax, name)
+    plain = bnjax.layer_norm if name == "add_layer_norm" else bnjax.rms_norm
+    reference = (
+        (lambda h: ref.layer_norm(h, None, None)) if name == "add_layer_norm" else (lambda h: ref.rms_norm(h, None))
+    )
+    x, _ = data((3, 5, 16), dtype=jnp.bfloat16, seed=11)
+    r, r64 = data((3, 5, 16), seed=12)  # a float32 residual stream with a bfloat16 block output
+    p = bnjax.init_params(16, use_bias=name == "add_layer_norm")
+    y, h = fn(x, r, p)
+    assert h.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    h64 = r64 + np.asarray(x.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(h, h64, rtol=1e-7)
+    close(y, reference(h64), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(0), x.shape).astype(jnp.bfloat16)
+    dh = jax.random.normal(jax.random.key(1), x.shape)
+
+    def loss(x, r, p, fused):
+        y, h = fn(x, r, p, fused_backward=fused)
+        return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(h * dh)
+
+    def composed(x, r, p):  # the pair written out by hand, differentiated by autodiff
+        h = r + x.astype(jnp.float32)
+        return jnp.sum(plain(h, p, fused_backward=False).astype(jnp.bfloat16).astype(jnp.float32) * dy) + jnp.sum(
+            h * dh
+        )
+
+    want = jax.grad(composed, argnums=(0, 1, 2))(x, r, p)
+    for fused in (True, False):
+        got = jax.grad(loss, argnums=(0, 1, 2))(x, r, p, fused)
+        assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    # keywords pass through: a mask, NaN in the padding of both inputs
+    mask = jnp.arange(5)[None, :, None] < 3
+    y_m, h_m = fn(jnp.where(mask, x, jnp.nan), jnp.where(mask, r, jnp.nan), p, mask=mask)
+    m = np.broadcast_to(np.asarray(mask), x.shape)
+    np.testing.assert_array_equal(
+        np.asarray(y_m.astype(jnp.float32))[m], np.asarray(fn(x, r, p, mask=mask)[0].astype(jnp.float32))[m]
+    )
+
+
+def test_add_norm_errors():
+    x, _ = data((2, 8), seed=13)
+    with pytest.raises(ValueError, match=r"residual has shape \(1, 8\) but x has shape \(2, 8\)"):
+        bnjax.add_layer_norm(x, jnp.ones((1, 8)), None)
+    with pytest.raises(TypeError, match="residual must be a floating-point array"):
+        bnjax.add_rms_norm(x, jnp.ones((2, 8), jnp.int32), None)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        bnjax.add_layer_norm(x, x, None, cast_before_scale=True)  # a keyword of rms_norm only

@@ -9,6 +9,8 @@ RMS norm        μ = 0, σ² = E[x²] over the features of one example
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -805,3 +807,86 @@ def dyt(
         if bias is not None:
             y = y + bias.astype(dtype)
         return _activate(y, activation).astype(x.dtype)
+
+
+def _residual_sum(x: ArrayLike, residual: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """(x, h = residual + x in the residual's dtype), validated: same shape, floating."""
+    x = check_floating(x)
+    residual = check_floating(residual, "residual")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual has shape {residual.shape} but x has shape {x.shape}: the residual stream and the "
+            "block output it is added to must have the same shape (no broadcasting)."
+        )
+    return x, residual + x.astype(residual.dtype)
+
+
+def add_layer_norm(
+    x: ArrayLike, residual: ArrayLike, params: NormParams | None, **kwargs: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The residual add and layer norm of a pre-norm transformer block, as one call.
+
+    Math:  h = residual + x (in the residual's dtype),   y = layer_norm(h)
+
+    ``residual`` is the residual stream (often float32 while the blocks run in bfloat16); x is a
+    block's output. Returns ``(y, h)``: h to carry on the residual stream, y (in x's dtype) to
+    feed the next block. The gradient reaching h from y (through the fused backward pass of
+    ``layer_norm``) and from the stream is summed once and cast to x's and the residual's dtypes.
+    On XLA:CPU the add runs as its own pass (a loop with the two outputs h and y is split by XLA),
+    so the forward pass reads h once more than the floor of reading x and residual and writing h
+    and y (measured in the README, "Sequence models").
+
+    Args:
+      x: floating array, e.g. (batch, tokens, features), the block output.
+      residual: floating array of x's shape, the residual stream.
+      params: as ``layer_norm``.
+      **kwargs: ``layer_norm``'s keywords (axis, eps, mask, axis_name, scale_offset, ...).
+
+    Returns:
+      ``(y, h)``: y of x's shape and dtype, h of the residual's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> y, h = bnjax.add_layer_norm(jnp.array([[1.0, 2.0, 3.0]]), jnp.ones((1, 3)), bnjax.init_params(3))
+      >>> h, y.round(3)
+      (Array([[2., 3., 4.]], dtype=float32), Array([[-1.225,  0.   ,  1.225]], dtype=float32))
+
+    References:
+      Ba, Kiros & Hinton 2016, "Layer Normalization"; Xiong et al. 2020, "On Layer Normalization in
+      the Transformer Architecture" (the pre-norm block).
+    """
+    x, h = _residual_sum(x, residual)
+    return layer_norm(h, params, **kwargs).astype(x.dtype), h
+
+
+def add_rms_norm(
+    x: ArrayLike, residual: ArrayLike, params: NormParams | None, **kwargs: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The residual add and RMS norm of a pre-norm transformer block (Llama), as one call.
+
+    Math:  h = residual + x (in the residual's dtype),   y = rms_norm(h)
+
+    As ``add_layer_norm``, with ``rms_norm``'s keywords (``cast_before_scale``, ``scale_offset``,
+    ...). With ``cast_before_scale=True`` the normalized h is cast to h's dtype before g, then y
+    to x's dtype.
+
+    Args:
+      x: floating array, the block output.
+      residual: floating array of x's shape, the residual stream.
+      params: as ``rms_norm``.
+      **kwargs: ``rms_norm``'s keywords.
+
+    Returns:
+      ``(y, h)``: y of x's shape and dtype, h of the residual's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax
+      >>> y, h = bnjax.add_rms_norm(jnp.array([[2.0, 3.0]]), jnp.ones((1, 2)), None, eps=1e-12)
+      >>> [round(float(v), 4) for v in y[0]]  # h = (3, 4) over sqrt((9 + 16)/2)
+      [0.8485, 1.1314]
+
+    References:
+      Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+    """
+    x, h = _residual_sum(x, residual)
+    return rms_norm(h, params, **kwargs).astype(x.dtype), h
