@@ -104,9 +104,12 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        return self._normalize(x, _affine(self, shells.feature_shape(x, self.axis)), use_running_average, mask)
+
+    def _normalize(self, x: jax.Array, params: NormParams, use_running_average: bool | None, mask: Any) -> jax.Array:
+        """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         shape = shells.feature_shape(x, self.axis)
-        params = _affine(self, shape)
         loaded_without_count = self.has_variable("batch_stats", "mean") and not self.has_variable(
             "batch_stats", "count"
         )
@@ -141,6 +144,58 @@ class BatchNorm(nn.Module):
         return y
 
 
+class ConditionalBatchNorm(BatchNorm):
+    """Conditional batch normalization (de Vries et al. 2017; Dumoulin et al. 2017): batch norm
+    whose g and b are predicted per example from a condition vector.
+
+    Math: y = f(γ(c)·(x − μ)/√(σ² + ε) + β(c)), γ(c) = 1 + c·W_γ + b_γ, β(c) = c·W_β + b_β, with
+    μ, σ² and the running statistics exactly those of ``BatchNorm`` (same fields, same
+    ``batch_stats``). W and b start at zero (``cond_kernel_init``, ``cond_bias_init``), so the layer
+    starts as a plain batch norm with g = 1, b = 0. ``use_scale=False`` / ``use_bias=False``: no
+    γ / β. The per-example γ, β go through the fused pass of ``bnjax.batch_norm`` (one pass).
+
+    Shapes: x (N, ..., C) with the batch on axis 0 and the features on ``axis`` (a single axis);
+    ``cond`` (N, D). Params: ``scale`` and ``bias``, each an ``nn.Dense(C)`` (``kernel`` (D, C),
+    ``bias`` (C,)).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.ConditionalBatchNorm(use_running_average=False)
+      >>> x, cond = jnp.ones((4, 8, 8, 3)), jnp.ones((4, 10))
+      >>> variables = layer.init(jax.random.key(0), x, cond)
+      >>> jax.tree.map(jnp.shape, variables["params"]["scale"])
+      {'bias': (3,), 'kernel': (10, 3)}
+
+    References:
+      de Vries, Strub, Mary, Larochelle, Pietquin & Courville 2017, "Modulating early visual
+      processing by language"; Dumoulin, Shlens & Kudlur 2017, "A Learned Representation for
+      Artistic Style".
+    """
+
+    cond_kernel_init: Initializer = nn.initializers.zeros
+    cond_bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, cond: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
+    ) -> jax.Array:
+        shape, features = shells.conditional_shape(x, cond, self.axis, "ConditionalBatchNorm")
+
+        def predicted(name: str) -> jax.Array:
+            dense = nn.Dense(
+                features,
+                kernel_init=self.cond_kernel_init,
+                bias_init=self.cond_bias_init,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+            return dense(cond).reshape(shape)
+
+        scale = 1.0 + predicted("scale") if self.use_scale else None
+        bias = predicted("bias") if self.use_bias else None
+        return self._normalize(x, NormParams(scale, bias), use_running_average, mask)
+
+
 class LayerNorm(_Normalization):
     """Layer normalization (Ba et al. 2016) as a linen module; see ``bnjax.layer_norm``.
 
@@ -165,6 +220,56 @@ class LayerNorm(_Normalization):
     def __call__(self, x: jax.Array, *, mask: Any = None) -> jax.Array:
         """``mask``: optional boolean array of x's rank, True = valid (padding: see the functional method)."""
         return shells.layer_norm(self, x, _affine(self, shells.feature_shape(x, self.feature_axes)), mask)
+
+
+class AdaLNZero(nn.Module):
+    """The adaLN-Zero residual branch of DiT (Peebles & Xie 2023): a sublayer under a layer norm
+    whose shift, scale and gate come from a condition vector, zero-initialized so that the branch
+    starts as the identity.
+
+    Math: with (s, a, g) = split(SiLU(c)·W + b, 3) per example (``modulation``, an
+    ``nn.Dense(3·C)``, W and b zero at init),
+
+        out = x + g ⊙ inner( layer_norm(x)·(1 + a) + s )
+
+    the layer norm over the last axis without learned affine (ε = ``epsilon``, DiT's 1e-6) and the
+    modulation applied inside it as per-example g, b (one pass, see ``bnjax.layer_norm``). At
+    init g = 0, so out = x exactly. A DiT block is two of these (attention, then MLP); DiT's one
+    ``Linear(C, 6C)`` holds both, in the order (shift, scale, gate) of the attention branch and
+    then of the MLP branch, so its first and second halves port to the two ``modulation`` layers.
+
+    Shapes: x (N, ..., C), cond (N, D); ``inner`` maps (N, ..., C) to (N, ..., C) and receives
+    the call's extra arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> branch = bnjax.linen.AdaLNZero(nn.Dense(8))
+      >>> x, cond = jnp.ones((2, 5, 8)), jnp.ones((2, 16))
+      >>> variables = branch.init(jax.random.key(0), x, cond)
+      >>> bool(jnp.array_equal(branch.apply(variables, x, cond), x))  # the identity at init
+      True
+
+    References:
+      Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", §3.2 (adaLN-Zero).
+    """
+
+    inner: nn.Module
+    epsilon: float = 1e-6
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.zeros
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        shape, features = shells.conditional_shape(x, cond, -1, "AdaLNZero")
+        dense = nn.Dense(
+            3 * features,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            param_dtype=self.param_dtype,
+            name="modulation",
+        )
+        return shells.ada_ln_zero(self, x, dense(nn.silu(cond)), shape, self.inner, *args, **kwargs)
 
 
 class GroupNorm(nn.Module):
@@ -662,7 +767,9 @@ class SpectralNorm(nn.Module):
 
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
+    "ConditionalBatchNorm",
     "CosineConv",
     "CosineDense",
     "DyT",

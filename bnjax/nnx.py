@@ -103,6 +103,11 @@ class BatchNorm(nnx.Module):
         self.skipped = nnx.BatchStat(jnp.zeros(shape, jnp.int32)) if track else None
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        params = NormParams(_value(self.scale), _value(self.bias))
+        return self._normalize(x, params, use_running_average, mask)
+
+    def _normalize(self, x: jax.Array, params: NormParams, use_running_average: bool | None, mask: Any) -> jax.Array:
+        """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
         use_ra = self.use_running_average if use_running_average is None else use_running_average
         if use_ra is None:
             raise ValueError(
@@ -114,7 +119,6 @@ class BatchNorm(nnx.Module):
         count = _value(self.count)
         stats = BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32) if count is None else count)
         stats = stats._replace(skipped=_value(self.skipped))
-        params = NormParams(_value(self.scale), _value(self.bias))
         y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask)
         if not use_ra:
             self.mean[...], self.var[...] = new.mean, new.var
@@ -126,6 +130,72 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view(model, use_running_average=...)``, as Flax's BatchNorm."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class ConditionalBatchNorm(BatchNorm):
+    """Conditional batch normalization (de Vries et al. 2017; Dumoulin et al. 2017) as an NNX
+    module: batch norm whose g and b are predicted per example from a condition vector.
+
+    Math: y = f(γ(c)·(x − μ)/√(σ² + ε) + β(c)), γ(c) = 1 + c·W_γ + b_γ, β(c) = c·W_β + b_β; the
+    statistics, running state and keywords are ``BatchNorm``'s. ``scale`` and ``bias`` are
+    ``nnx.Linear(cond_features, num_features)`` layers, zero-initialized (``cond_kernel_init``,
+    ``cond_bias_init``), so the layer starts as a plain batch norm. See
+    ``bnjax.linen.ConditionalBatchNorm``.
+
+    Shapes: x (N, ..., num_features) (features on ``axis``, batch on axis 0), cond (N, cond_features).
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> layer = bnjax.nnx.ConditionalBatchNorm(3, 10, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((4, 8, 8, 3)), jnp.ones((4, 10))).shape
+      (4, 8, 8, 3)
+
+    References:
+      de Vries, Strub, Mary, Larochelle, Pietquin & Courville 2017, "Modulating early visual
+      processing by language"; Dumoulin, Shlens & Kudlur 2017, "A Learned Representation for
+      Artistic Style".
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        cond_features: int,
+        *,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        cond_kernel_init: Initializer = _zeros,
+        cond_bias_init: Initializer = _zeros,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        **batch_norm_kwargs: Any,
+    ):
+        super().__init__(
+            num_features, use_scale=False, use_bias=False, param_dtype=param_dtype, rngs=rngs, **batch_norm_kwargs
+        )
+        self.use_scale, self.use_bias = use_scale, use_bias
+
+        def linear() -> nnx.Linear:
+            return nnx.Linear(
+                cond_features,
+                num_features,
+                kernel_init=cond_kernel_init,
+                bias_init=cond_bias_init,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+        # nnx.data: the base class stored None here, which nnx then treats as a static attribute
+        self.scale = nnx.data(linear()) if use_scale else None  # type: ignore[assignment]
+        self.bias = nnx.data(linear()) if use_bias else None  # type: ignore[assignment]
+
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, cond: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
+    ) -> jax.Array:
+        shape, _ = shells.conditional_shape(x, cond, self.axis, "ConditionalBatchNorm")
+        scale = None if self.scale is None else 1.0 + self.scale(cond).reshape(shape)  # type: ignore[operator]
+        bias = None if self.bias is None else self.bias(cond).reshape(shape)  # type: ignore[operator]
+        return self._normalize(x, NormParams(scale, bias), use_running_average, mask)
 
 
 class _Normalization(nnx.Module):
@@ -223,6 +293,51 @@ class LayerNorm(_Normalization):
             fused_backward=fused_backward,
             scale_offset=scale_offset,
         )
+
+
+class AdaLNZero(nnx.Module):
+    """The adaLN-Zero residual branch of DiT (Peebles & Xie 2023) as an NNX module; see
+    ``bnjax.linen.AdaLNZero`` for the math: out = x + g ⊙ inner(layer_norm(x)·(1 + a) + s),
+    (s, a, g) from ``modulation``, an ``nnx.Linear(cond_features, 3·features)`` applied to SiLU(c)
+    and zero-initialized, so the branch starts as the identity.
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> branch = bnjax.nnx.AdaLNZero(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), 16, 8, rngs=nnx.Rngs(1))
+      >>> x = jnp.ones((2, 5, 8))
+      >>> bool(jnp.array_equal(branch(x, jnp.ones((2, 16))), x))  # the identity at init
+      True
+
+    References:
+      Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", §3.2 (adaLN-Zero).
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        cond_features: int,
+        features: int,
+        *,
+        epsilon: float = 1e-6,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer = _zeros,
+        bias_init: Initializer = _zeros,
+        rngs: nnx.Rngs,
+    ):
+        self.inner, self.epsilon = inner, epsilon
+        self.modulation = nnx.Linear(
+            cond_features,
+            3 * features,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array, cond: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        shape, _ = shells.conditional_shape(x, cond, -1, "AdaLNZero")
+        return shells.ada_ln_zero(self, x, self.modulation(nnx.silu(cond)), shape, self.inner, *args, **kwargs)
 
 
 class GroupNorm(_Normalization):
@@ -858,7 +973,9 @@ class SpectralNorm(nnx.Module):
 
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
+    "ConditionalBatchNorm",
     "CosineConv",
     "CosineDense",
     "DyT",

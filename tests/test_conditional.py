@@ -112,3 +112,93 @@ def test_params_that_fit_neither_layout_are_refused_naming_both(pshape):
         ValueError, match=r"params.scale has shape .*per-example \(conditional\) params have x's rank 3"
     ):
         bnjax.layer_norm(x, bnjax.NormParams(jnp.ones(pshape), None))
+
+
+# --- Flax modules on top: conditional batch norm, DiT's adaLN-Zero ------------------------------
+
+
+def test_conditional_batch_norm_modules_start_as_batch_norm_and_follow_the_condition():
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    x, x64 = data((6, 3, 3, 4), seed=10)
+    cond = jax.random.normal(jax.random.key(1), (6, 5))
+    layer = bnjax.linen.ConditionalBatchNorm(use_running_average=False, momentum=0.9)
+    v = layer.init(jax.random.key(0), x, cond)
+    y0, upd0 = layer.apply(v, x, cond, mutable=["batch_stats"])
+    plain = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9)
+    yp, updp = plain.apply(plain.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y0, yp)  # zero-initialized: a plain batch norm at the start
+    jax.tree.map(np.testing.assert_array_equal, upd0, updp)
+
+    # nonzero condition weights: gamma = 1 + c W + b, beta = c W' + b' per example
+    k = jax.random.split(jax.random.key(2), 4)
+    params = {
+        "scale": {"kernel": 0.3 * jax.random.normal(k[0], (5, 4)), "bias": 0.1 * jax.random.normal(k[1], (4,))},
+        "bias": {"kernel": 0.3 * jax.random.normal(k[2], (5, 4)), "bias": 0.1 * jax.random.normal(k[3], (4,))},
+    }
+    v = {"params": params, "batch_stats": v["batch_stats"]}
+    y, _ = layer.apply(v, x, cond, mutable=["batch_stats"])
+    c64 = ref.f64(cond)
+    gamma = 1.0 + c64 @ ref.f64(params["scale"]["kernel"]) + ref.f64(params["scale"]["bias"])
+    beta = c64 @ ref.f64(params["bias"]["kernel"]) + ref.f64(params["bias"]["bias"])
+    xhat = ref.batch_norm_train(x64, None, None)[0]
+    close(y, xhat * gamma[:, None, None, :] + beta[:, None, None, :])
+
+    mod = bnjax.nnx.ConditionalBatchNorm(4, 5, momentum=0.9, rngs=nnx.Rngs(0))
+    for name in ("scale", "bias"):
+        getattr(mod, name).kernel[...] = params[name]["kernel"]
+        getattr(mod, name).bias[...] = params[name]["bias"]
+    np.testing.assert_allclose(mod(x, cond), y, rtol=1e-6, atol=1e-6)
+    mod.eval()  # evaluation: the running statistics, still the per-example affine
+    y_eval = mod(x, cond)
+    running = ref.batch_norm_eval(x64, None, None, mod.mean[...], mod.var[...])
+    close(y_eval, running * gamma[:, None, None, :] + beta[:, None, None, :])
+    grads = nnx.grad(lambda m: jnp.sum(m(x, cond, use_running_average=False) ** 3))(mod)
+    assert float(jnp.abs(grads.scale.kernel[...]).sum()) > 0
+    with pytest.raises(ValueError, match=r"cond has shape \(5, 5\) but must be \(N, D\) with N = 6"):
+        layer.apply(v, x, cond[:5], mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="one feature axis other than the batch axis 0"):
+        bnjax.linen.ConditionalBatchNorm(use_running_average=False, axis=0).init(jax.random.key(0), x, cond)
+
+
+def _np_layer_norm(x, eps=1e-6):
+    return ref.layer_norm(x, None, None, eps=eps)
+
+
+def test_ada_ln_zero_is_the_identity_at_init_and_dits_formula_after():
+    import flax.linen as nn
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    x, x64 = data((2, 5, 8), seed=11)
+    cond = jax.random.normal(jax.random.key(3), (2, 16))
+    branch = bnjax.linen.AdaLNZero(nn.Dense(8))
+    v = branch.init(jax.random.key(0), x, cond)
+    np.testing.assert_array_equal(branch.apply(v, x, cond), x)
+    # the gate's weights get a gradient at init (the branch learns although it starts closed)
+    g = jax.grad(lambda p: jnp.sum(branch.apply({"params": p}, x, cond) ** 2))(v["params"])
+    assert float(jnp.abs(g["modulation"]["kernel"][:, 16:]).sum()) > 0
+
+    k = jax.random.split(jax.random.key(4), 2)
+    w, b = 0.2 * jax.random.normal(k[0], (16, 24)), 0.1 * jax.random.normal(k[1], (24,))
+    params = {"modulation": {"kernel": w, "bias": b}, "inner": v["params"]["inner"]}
+    y = branch.apply({"params": params}, x, cond)
+    # DiT, written out: shift, scale, gate = chunk(Linear(SiLU(c)), 3); x + gate * f(modulate(norm(x)))
+    c64 = ref.f64(cond)
+    mod = (c64 / (1 + np.exp(-c64))) @ ref.f64(w) + ref.f64(b)
+    shift, scale, gate = (m[:, None, :] for m in np.split(mod, 3, axis=-1))
+    h = _np_layer_norm(x64) * (1 + scale) + shift
+    inner = h @ ref.f64(params["inner"]["kernel"]) + ref.f64(params["inner"]["bias"])
+    close(y, x64 + gate * inner, rtol=1e-4, atol=1e-4)
+
+    layer = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    layer.kernel[...], layer.bias[...] = params["inner"]["kernel"], params["inner"]["bias"]
+    nb = bnjax.nnx.AdaLNZero(layer, 16, 8, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(nb(x, cond), x)
+    nb.modulation.kernel[...], nb.modulation.bias[...] = w, b
+    np.testing.assert_allclose(nb(x, cond), y, rtol=1e-6, atol=1e-6)

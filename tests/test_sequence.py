@@ -283,7 +283,7 @@ def test_add_norm_values_dtypes_and_gradients(name):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
     # keywords pass through: a mask, NaN in the padding of both inputs
     mask = jnp.arange(5)[None, :, None] < 3
-    y_m, h_m = fn(jnp.where(mask, x, jnp.nan), jnp.where(mask, r, jnp.nan), p, mask=mask)
+    y_m, _ = fn(jnp.where(mask, x, jnp.nan), jnp.where(mask, r, jnp.nan), p, mask=mask)
     m = np.broadcast_to(np.asarray(mask), x.shape)
     np.testing.assert_array_equal(
         np.asarray(y_m.astype(jnp.float32))[m], np.asarray(fn(x, r, p, mask=mask)[0].astype(jnp.float32))[m]

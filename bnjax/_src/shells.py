@@ -259,3 +259,30 @@ def spectral_view(
     )
     dtype = cfg.dtype if cfg.dtype is not None else jnp.result_type(w, u)
     return w_sn.astype(dtype), new_u.reshape(1, out).astype(u.dtype), sigma.astype(u.dtype)
+
+
+def conditional_shape(x: Any, cond: Any, axis: Any, owner: str) -> tuple[tuple[int, ...], int]:
+    """The per-example parameter shape for a condition ``cond`` (N, D) and x with the batch on
+    axis 0 and one feature axis: N on axis 0, the features on ``axis``, 1 elsewhere; and the
+    number of features."""
+    shape_x, shape_c = jnp.shape(x), jnp.shape(cond)
+    feat = canonical_axes(axis, len(shape_x), name=f"{owner}(axis)", shape=shape_x)
+    if len(feat) != 1 or feat[0] == 0:
+        raise ValueError(f"{owner}: axis={axis!r} must be one feature axis other than the batch axis 0 of x {shape_x}.")
+    if len(shape_c) != 2 or (shape_x and shape_c[0] != shape_x[0]):
+        raise ValueError(
+            f"{owner}: cond has shape {shape_c} but must be (N, D) with N = {shape_x[0] if shape_x else '?'}, "
+            f"the batch size of x {shape_x}: one condition vector per example."
+        )
+    shape = [1] * len(shape_x)
+    shape[0], shape[feat[0]] = shape_x[0], shape_x[feat[0]]
+    return tuple(shape), shape_x[feat[0]]
+
+
+def ada_ln_zero(
+    cfg: Any, x: Any, modulation: jax.Array, shape: tuple[int, ...], inner: Any, *args: Any, **kw: Any
+) -> Any:
+    """x + gate·inner(layer_norm(x)·(1 + scale) + shift), (shift, scale, gate) = split(modulation, 3)."""
+    shift, scale, gate = (m.reshape(shape) for m in jnp.split(modulation, 3, axis=-1))
+    h = methods.layer_norm(x, NormParams(scale, shift), eps=cfg.epsilon, scale_offset=1.0)
+    return x + gate * inner(h, *args, **kw)
