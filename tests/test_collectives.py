@@ -111,3 +111,36 @@ def test_masked_layer_with_replicated_params_still_one_collective_each_way():
     args = (jnp.ones((64, 4, C)), jnp.ones((64, 1, 1), bool), bnjax.init_params(C))
     assert count_collectives(_compiled(lambda x, m, p: sharded(x, m, p), *args)) == 1
     assert count_collectives(_compiled(train_step, *args)) == 2
+
+
+@pytest.mark.parametrize("method", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sharded_hidden_axis_one_collective_each_way(method, masked):
+    # tensor parallelism: the hidden axis split over "t", g and b sharded like it. The forward
+    # pass has one all-reduce (the row statistics), the backward one more (its two sums together).
+    # For RMS norm the backward sum, Σ dz·x, does not need the forward's result (1/σ factors out of
+    # Σ dz·x̂), and XLA's all-reduce combiner sends both in a single all-reduce.
+    mesh = Mesh(np.array(jax.devices()[:4]), ("t",))
+    fn = getattr(bnjax, method)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 6, 32)), jnp.float32)
+    mask = jnp.arange(6)[None, :, None] < jnp.arange(1, 9)[:, None, None] if masked else None
+    spec = P(None, None, "t")
+
+    def norm(x, scale, bias):
+        return fn(x, bnjax.NormParams(scale, bias), axis_name="t", mask=mask)
+
+    def forward(x, scale, bias):
+        return jax.shard_map(norm, mesh=mesh, in_specs=(spec, P("t"), P("t")), out_specs=spec)(x, scale, bias)
+
+    def vjp(x, scale, bias, dy):
+        def local(x, scale, bias, dy):
+            return jax.vjp(norm, x, scale, bias)[1](dy)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, P("t"), P("t"), spec), out_specs=(spec, P("t"), P("t")))(
+            x, scale, bias, dy
+        )
+
+    g, b = jnp.ones(32), jnp.zeros(32)
+    dy = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+    assert count_collectives(_compiled(forward, x, g, b)) == 1
+    assert count_collectives(_compiled(vjp, x, g, b, dy)) == (2 if method == "layer_norm" else 1)
