@@ -298,3 +298,39 @@ def test_add_norm_errors():
         bnjax.add_rms_norm(x, jnp.ones((2, 8), jnp.int32), None)
     with pytest.raises(TypeError, match="unexpected keyword"):
         bnjax.add_layer_norm(x, x, None, cast_before_scale=True)  # a keyword of rms_norm only
+
+
+# --- QK-norm recipe ----------------------------------------------------------------------------
+
+
+def test_qk_norm_recipe_in_an_attention_block():
+    # q, k: (batch, tokens, heads, head_dim); RMS norm over head_dim only, one g of shape
+    # (head_dim,) shared by the heads (as in OLMo 2 / Qwen3 / Gemma 3's QK-norm)
+    b, t, h, d = 2, 6, 4, 8
+    key = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(key[0], (b, t, h * d)) * 3.0
+    wq, wk = (jax.random.normal(k, (h * d, h * d)) / np.sqrt(h * d) for k in key[1:3])
+    gq, gk = (1.0 + 0.1 * jax.random.normal(k, (d,)) for k in key[3:5])
+
+    def logits(x, per_head=True):
+        q = (x @ wq).reshape(b, t, h, d)
+        k = (x @ wk).reshape(b, t, h, d)
+        axis = -1 if per_head else (-2, -1)
+        fa = -1  # g over head_dim in both variants
+        q = bnjax.rms_norm(q, bnjax.NormParams(gq, None), axis=axis, feature_axis=fa)
+        k = bnjax.rms_norm(k, bnjax.NormParams(gk, None), axis=axis, feature_axis=fa)
+        return jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+
+    q64 = (ref.f64(x) @ ref.f64(wq)).reshape(b, t, h, d)
+    k64 = (ref.f64(x) @ ref.f64(wk)).reshape(b, t, h, d)
+
+    def np_rms(v, g):  # per head: the mean of squares over head_dim alone
+        return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + 1e-6) * ref.f64(g)
+
+    expected = np.einsum("bqhd,bkhd->bhqk", np_rms(q64, gq), np_rms(k64, gk)) / np.sqrt(d)
+    np.testing.assert_allclose(logits(x), expected, rtol=1e-4, atol=1e-4)
+    # the logits of each head are bounded by |g_q|·|g_k|·sqrt(d) whatever the scale of x
+    big = logits(x * 1e3)
+    np.testing.assert_allclose(big, logits(x), rtol=1e-3, atol=1e-3)
+    # normalizing over all heads flattened is a different layer: not the recipe
+    assert float(jnp.max(jnp.abs(logits(x, per_head=False) - logits(x)))) > 1e-2
