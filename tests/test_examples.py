@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers import load_script
@@ -55,3 +56,13 @@ def test_flax_swap_keeps_checkpoints_and_outputs(capsys):
     assert nan_count >= 0  # Flax's behaviour, reported; bnjax's outputs are compared below
     assert len(diffs) == 8 and max(diffs.values()) <= 2e-5, diffs
     assert diffs["bnjax, other padding values (at real tokens)"] == 0.0
+
+
+def test_train_lm_tensor_parallel_bnjax_equals_flax(tmp_path):
+    args = ["--steps", "4", "--batch", "4", "--seq", "16", "--hidden", "32", "--corpus-bytes", "100000"]
+    curves = _load("train_lm").main([*args, "--out", str(tmp_path)])
+    bn, fx = curves["bnjax"]["train"], curves["flax"]["train"]
+    assert len(bn) == 4 and bn[-1] < bn[0]  # it learns
+    np.testing.assert_allclose(bn, fx, rtol=1e-5)  # the same function, on a sharded hidden axis
+    assert curves["max_abs_difference"]["train"][0] <= 1e-4
+    assert (tmp_path / "train_lm.png").stat().st_size > 10_000
