@@ -83,3 +83,20 @@ def test_bench_quick(tmp_path, capsys):
         assert f"## {title}" in md
     assert "## ConvNet SGD train step" in md and "BN layers on their own" in md
     assert md.count("|") > 200
+
+
+def test_sequence_bench_quick(tmp_path, capsys):
+    seq = _load("sequence")
+    seq.main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "sequence.json").read_text())
+    assert (tmp_path / "sequence.md").read_text() in capsys.readouterr().out
+    assert len(results["residual"]) == 2  # float32 and bfloat16 x
+    for rec in results["residual"]:
+        for mode in ("train", "fwd"):
+            assert set(rec[mode]) == {*seq._rms_pairs(rec["dtype"]), "memory floor"}
+            for entry in rec[mode].values():
+                _positive_timings(entry)
+    (sharded,) = results["sharded"]
+    assert "skipped" not in sharded, sharded  # the test configuration has 8 devices
+    for entry in sharded["train"].values():
+        _positive_timings(entry)
