@@ -7,6 +7,7 @@ Every method is an instance of h = f(g · (x − μ)/√(σ² + ε) + b); they d
 from bnjax._src.methods import add_layer_norm as add_layer_norm
 from bnjax._src.methods import add_rms_norm as add_rms_norm
 from bnjax._src.methods import batch_norm as batch_norm
+from bnjax._src.methods import batch_renorm as batch_renorm
 from bnjax._src.methods import dyt as dyt
 from bnjax._src.methods import group_norm as group_norm
 from bnjax._src.methods import instance_norm as instance_norm
@@ -36,6 +37,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "batch_norm",
+    "batch_renorm",
     "cosine_norm",
     "cosine_norm_conv",
     "dyt",

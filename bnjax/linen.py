@@ -106,7 +106,14 @@ class BatchNorm(nn.Module):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
         return self._normalize(x, _affine(self, shells.feature_shape(x, self.axis)), use_running_average, mask)
 
-    def _normalize(self, x: jax.Array, params: NormParams, use_running_average: bool | None, mask: Any) -> jax.Array:
+    def _normalize(
+        self,
+        x: jax.Array,
+        params: NormParams,
+        use_running_average: bool | None,
+        mask: Any,
+        renorm: tuple[Any, Any] | None = None,
+    ) -> jax.Array:
         """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         shape = shells.feature_shape(x, self.axis)
@@ -135,13 +142,55 @@ class BatchNorm(nn.Module):
             stats = BatchStats(mean.value, var.value, count.value, skipped.value)
         else:
             stats = BatchStats(mean.value, var.value, jnp.zeros((), jnp.int32))
-        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, self.is_initializing())
+        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, self.is_initializing(), renorm)
         if not use_ra and not self.is_initializing():  # as Flax: init does not update the statistics
             mean.value, var.value = new.mean, new.var
             if track:
                 count.value = new.count
                 skipped.value = jnp.asarray(new.skipped)  # tracked, so never None here
         return y
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017) as a linen module; see ``bnjax.batch_renorm``.
+
+    ``BatchNorm``'s fields, variables and conventions (Flax's momentum 0.99 and plain EMA by
+    default), plus the bounds ``r_max`` (default 3) and ``d_max`` (default 5). The call may
+    override them, with traced values too, for the paper's warm-up schedule inside a jitted step:
+    ``layer.apply(v, x, r_max=r, d_max=d, mutable=["batch_stats"])``. In evaluation the running
+    statistics are used, as batch norm.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> layer = bnjax.linen.BatchRenorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y, upd = layer.apply(variables, x, r_max=1.0, d_max=0.0, mutable=["batch_stats"])
+      >>> sorted(upd["batch_stats"])
+      ['mean', 'var']
+
+    References:
+      Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+      Batch-Normalized Models".
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Any = None,
+        r_max: Any = None,
+        d_max: Any = None,
+    ) -> jax.Array:
+        """``r_max``, ``d_max``: this call's bounds (default: the fields), e.g. from a schedule."""
+        bounds = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+        params = _affine(self, shells.feature_shape(x, self.axis))
+        return self._normalize(x, params, use_running_average, mask, bounds)
 
 
 class ConditionalBatchNorm(BatchNorm):
@@ -769,6 +818,7 @@ class SpectralNorm(nn.Module):
 __all__ = [
     "AdaLNZero",
     "BatchNorm",
+    "BatchRenorm",
     "ConditionalBatchNorm",
     "CosineConv",
     "CosineDense",

@@ -106,7 +106,14 @@ class BatchNorm(nnx.Module):
         params = NormParams(_value(self.scale), _value(self.bias))
         return self._normalize(x, params, use_running_average, mask)
 
-    def _normalize(self, x: jax.Array, params: NormParams, use_running_average: bool | None, mask: Any) -> jax.Array:
+    def _normalize(
+        self,
+        x: jax.Array,
+        params: NormParams,
+        use_running_average: bool | None,
+        mask: Any,
+        renorm: tuple[Any, Any] | None = None,
+    ) -> jax.Array:
         """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
         use_ra = self.use_running_average if use_running_average is None else use_running_average
         if use_ra is None:
@@ -119,7 +126,7 @@ class BatchNorm(nnx.Module):
         count = _value(self.count)
         stats = BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32) if count is None else count)
         stats = stats._replace(skipped=_value(self.skipped))
-        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask)
+        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, renorm=renorm)
         if not use_ra:
             self.mean[...], self.var[...] = new.mean, new.var
             if self.count is not None and self.skipped is not None:
@@ -130,6 +137,44 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view(model, use_running_average=...)``, as Flax's BatchNorm."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017) as an NNX module; see ``bnjax.batch_renorm``.
+
+    ``BatchNorm``'s constructor, attributes and modes, plus the bounds ``r_max`` (default 3) and
+    ``d_max`` (default 5), attributes that the call may override (traced values too, for the
+    paper's warm-up schedule inside a jitted step).
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> layer = bnjax.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+      >>> layer(jnp.arange(12.0).reshape(4, 3), r_max=1.5, d_max=0.5).shape
+      (4, 3)
+
+    References:
+      Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+      Batch-Normalized Models".
+    """
+
+    def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, rngs: nnx.Rngs, **kwargs: Any):
+        super().__init__(num_features, rngs=rngs, **kwargs)
+        self.r_max, self.d_max = r_max, d_max
+
+    def __call__(  # type: ignore[override]
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: Any = None,
+        r_max: Any = None,
+        d_max: Any = None,
+    ) -> jax.Array:
+        """``r_max``, ``d_max``: this call's bounds (default: the attributes), e.g. from a schedule."""
+        bounds = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+        params = NormParams(_value(self.scale), _value(self.bias))
+        return self._normalize(x, params, use_running_average, mask, bounds)
 
 
 class ConditionalBatchNorm(BatchNorm):
@@ -975,6 +1020,7 @@ class SpectralNorm(nnx.Module):
 __all__ = [
     "AdaLNZero",
     "BatchNorm",
+    "BatchRenorm",
     "ConditionalBatchNorm",
     "CosineConv",
     "CosineDense",

@@ -22,6 +22,7 @@ from bnjax._src.statistics import Moments
 from bnjax._src.transform import Activation, apply_normalization, normalize_with_statistics
 from bnjax._src.validation import (
     Axes,
+    _scalar_number,
     broadcast_shape_for,
     canonical_axes,
     check_eps,
@@ -248,8 +249,10 @@ def _batch_norm(
     unbiased_running_var: bool,
     mean_only: bool,
     fused_backward: bool,
+    renorm: tuple[Any, Any] | None = None,
 ) -> tuple[jax.Array, BatchStats]:
-    """batch_norm and mean_only_batch_norm: validate, batch (or stored) statistics, transform, update."""
+    """batch_norm, mean_only_batch_norm and batch_renorm (``renorm=(r_max, d_max)``): validate,
+    batch (or stored) statistics, transform, update."""
     method = "mean_only_batch_norm" if mean_only else "batch_norm"
     if not isinstance(training, bool):
         raise TypeError(
@@ -278,6 +281,10 @@ def _batch_norm(
             batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
             y = apply_normalization(x, (batch.shift, batch.offset), None, scale, bias, eps, activation)
         else:
+            if renorm is not None:
+                scale, bias = _renorm_affine(
+                    x, scale, bias, stats, renorm, reduce, eps, mask, axis_name, axis_index_groups, bshape
+                )
             y, batch = normalize_with_statistics(
                 x,
                 scale,
@@ -295,6 +302,113 @@ def _batch_norm(
             stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
         )
         return y, new_stats
+
+
+def _renorm_affine(x, scale, bias, stats, renorm, reduce, eps, mask, axis_name, axis_index_groups, bshape):
+    """Batch renorm as batch norm with the gain g·r and the shift g·d + b (r, d constants):
+    g·(x̂_B·r + d) + b = (g·r)·x̂_B + (g·d + b), so the fused pass and its backward apply as is.
+    The batch moments computed here are those the fused pass computes again (XLA merges the two)."""
+    r_max, d_max = renorm
+    dtype = statistics.compute_dtype(x.dtype)
+    batch = statistics.global_moments(jax.lax.stop_gradient(x), reduce, mask, axis_name, axis_index_groups)
+    eps_c = jnp.asarray(eps, dtype)
+    sigma_b = jnp.sqrt(batch.var.astype(dtype) + eps_c)
+    sigma = jnp.sqrt(stats.var.astype(dtype).reshape(bshape) + eps_c)
+    r_max, d_max = jnp.asarray(r_max, dtype), jnp.asarray(d_max, dtype)
+    r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
+    d = jax.lax.stop_gradient(jnp.clip((batch.mean.astype(dtype) - stats.mean.reshape(bshape)) / sigma, -d_max, d_max))
+    gain = r if scale is None else scale * r
+    shift = d if scale is None else scale * d
+    return gain, (shift if bias is None else shift + bias)
+
+
+def batch_renorm(
+    x: ArrayLike,
+    params: NormParams | None,
+    stats: BatchStats,
+    *,
+    training: bool,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    axis: Axes = -1,
+    momentum: float | None = 0.9,
+    eps: float = 1e-5,
+    axis_name: collective.AxisName | None = None,
+    mask: ArrayLike | None = None,
+    activation: Activation | None = None,
+    axis_index_groups: collective.Groups | None = None,
+    debias: bool = True,
+    unbiased_running_var: bool = False,
+    fused_backward: bool = True,
+) -> tuple[jax.Array, BatchStats]:
+    """Batch renormalization: batch norm whose training output is corrected toward the running
+    statistics, so training and inference compute nearly the same function.
+
+    Math (per feature; μ_B, σ²_B the batch statistics as in ``batch_norm``, μ, σ² the running ones
+    *before* this update, σ_B = √(σ²_B + ε), σ = √(σ² + ε)):
+
+        r = sg(clip(σ_B/σ, 1/r_max, r_max)),   d = sg(clip((μ_B − μ)/σ, −d_max, d_max))
+        training:   y = f( g · ((x − μ_B)/σ_B · r + d) + b ),  stats updated as batch_norm
+        evaluation: y = f( g · (x − μ)/σ + b ),                stats unchanged
+
+    sg is ``stop_gradient``: r and d are constants for differentiation, so the gradient is batch
+    norm's through x̂_B, with the gain g·r (and d enters only the shift). With r_max = 1 and
+    d_max = 0, r = 1 and d = 0, and this is ``batch_norm`` exactly: outputs, gradients and state,
+    bit for bit. ``r_max`` and ``d_max`` may be traced (a schedule inside ``jit``; the paper
+    starts at 1 and 0 and relaxes them, see the README). Statistics span devices with
+    ``axis_name`` as in ``batch_norm`` (r and d then use the global batch statistics).
+
+    Args:
+      x, params, stats, training, axis, momentum, eps, axis_name, mask, activation,
+        axis_index_groups, debias, unbiased_running_var, fused_backward: as ``batch_norm``.
+      r_max: the bound on r, ≥ 1 (the paper's final value 3).
+      d_max: the bound on |d|, ≥ 0 (the paper's final value 5).
+
+    Returns:
+      ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3)) * 2.0 + 5.0
+      >>> params, stats = bnjax.init_params(3), bnjax.init_stats(3)
+      >>> y, new = bnjax.batch_renorm(x, params, stats, training=True, r_max=1.0, d_max=0.0)
+      >>> y_bn, new_bn = bnjax.batch_norm(x, params, stats, training=True)
+      >>> bool(jnp.array_equal(y, y_bn))  # r_max = 1, d_max = 0: batch norm exactly
+      True
+
+    References:
+      Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+      Batch-Normalized Models", Algorithm 1.
+    """
+    check_renorm_bounds(r_max, d_max)
+    return _batch_norm(
+        x,
+        params,
+        stats,
+        training=training,
+        axis=axis,
+        momentum=momentum,
+        eps=eps,
+        axis_name=axis_name,
+        mask=mask,
+        activation=activation,
+        axis_index_groups=axis_index_groups,
+        debias=debias,
+        unbiased_running_var=unbiased_running_var,
+        mean_only=False,
+        fused_backward=fused_backward,
+        renorm=(r_max, d_max),
+    )
+
+
+def check_renorm_bounds(r_max: Any, d_max: Any) -> None:
+    """r_max ≥ 1 and d_max ≥ 0 when known now (a traced bound is taken as given)."""
+    r = _scalar_number(r_max, "r_max", ": the bound on r = sigma_B/sigma, >= 1 (1 gives batch norm)")
+    d = _scalar_number(d_max, "d_max", ": the bound on |d| = |mu_B - mu|/sigma, >= 0 (0 gives batch norm)")
+    if r is not None and not float(r) >= 1.0:
+        raise ValueError(f"r_max must be >= 1, got {r_max!r}: r is clipped to [1/r_max, r_max] (1: batch norm).")
+    if d is not None and not float(d) >= 0.0:
+        raise ValueError(f"d_max must be >= 0, got {d_max!r}: d is clipped to [-d_max, d_max] (0: batch norm).")
 
 
 def layer_norm(

@@ -62,14 +62,22 @@ def promote(cfg: Any, x: Any, params: NormParams, extra: tuple = ()) -> tuple[ja
 
 
 def batch_norm(
-    cfg: Any, x: jax.Array, params: NormParams, stats: BatchStats, training: bool, mask: Any, initializing: bool = False
+    cfg: Any,
+    x: jax.Array,
+    params: NormParams,
+    stats: BatchStats,
+    training: bool,
+    mask: Any,
+    initializing: bool = False,
+    renorm: tuple[Any, Any] | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """``initializing``: variables are being created, usually outside the transform that binds
     ``axis_name``. As Flax, nothing is reduced across devices and nothing is stored then; in
     training mode x is normalized by its own (local) batch statistics, as it will be in training,
     unless each statistic would cover a single element (e.g. one example of a dense layer at
     init), where the running statistics normalize instead (only the shapes matter then).
-    ``cfg.mean_only``: mean-only batch norm (σ = 1; ``epsilon`` and ``fused_backward`` unused)."""
+    ``cfg.mean_only``: mean-only batch norm (σ = 1; ``epsilon`` and ``fused_backward`` unused).
+    ``renorm=(r_max, d_max)``: batch renormalization (``methods.batch_renorm``)."""
     x, params, out_dtype = promote(cfg, x, params, (stats.mean, stats.var))
     if initializing and training:
         feat = canonical_axes(cfg.axis, x.ndim, shape=x.shape)
@@ -92,6 +100,20 @@ def batch_norm(
                 "has no effect there: leave it False."
             )
         y, new = methods.mean_only_batch_norm(x, params, stats, **common)
+    elif renorm is not None:
+        if initializing:  # only shapes matter at init, and the bounds may be tracers of the caller's
+            renorm = (1.0, 0.0)
+        y, new = methods.batch_renorm(
+            x,
+            params,
+            stats,
+            r_max=renorm[0],
+            d_max=renorm[1],
+            eps=cfg.epsilon,
+            unbiased_running_var=cfg.unbiased_running_var,
+            fused_backward=cfg.fused_backward,
+            **common,
+        )
     else:
         y, new = methods.batch_norm(
             x,
