@@ -67,6 +67,9 @@ class BatchNorm(nn.Module):
     running ← momentum·running + (1 − momentum)·batch (Flax's plain EMA unless ``debias=True``).
     ``mean_only=True``: y = f(g·(x − μ) + b), mean-only batch norm (Salimans & Kingma 2016; see
     ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
+    ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
+    ``bias``, whatever ``use_running_average`` says (fine-tuning; a call passing
+    ``use_running_average=False`` is an error).
 
     Shapes: x of any rank with features on ``axis``; ``scale``, ``bias``, ``mean``, ``var`` of the
     feature shape. Output: x's shape, and x's dtype (or ``dtype``).
@@ -101,6 +104,7 @@ class BatchNorm(nn.Module):
     unbiased_running_var: bool = False
     track_updates: bool | None = None
     mean_only: bool = False
+    frozen: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
@@ -115,7 +119,10 @@ class BatchNorm(nn.Module):
         renorm: tuple[Any, Any] | None = None,
     ) -> jax.Array:
         """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
-        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if self.frozen:
+            params, use_ra = shells.frozen(params, use_running_average), True
+        else:
+            use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         shape = shells.feature_shape(x, self.axis)
         loaded_without_count = self.has_variable("batch_stats", "mean") and not self.has_variable(
             "batch_stats", "count"

@@ -45,6 +45,9 @@ class BatchNorm(nnx.Module):
     (``use_running_average=False``, the default) and the running ones after ``model.eval()``.
     ``mean_only=True``: y = f(g·(x − μ) + b), mean-only batch norm (Salimans & Kingma 2016; see
     ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
+    ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
+    ``bias``, whatever ``model.train()`` or ``use_running_average`` say (fine-tuning; a call
+    passing ``use_running_average=False`` is an error).
 
     Shapes: x (..., num_features) with the features on ``axis``; output x's shape and dtype.
 
@@ -83,9 +86,10 @@ class BatchNorm(nnx.Module):
         track_updates: bool | None = None,
         fused_backward: bool = True,
         mean_only: bool = False,
+        frozen: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.fused_backward, self.mean_only = fused_backward, mean_only
+        self.fused_backward, self.mean_only, self.frozen = fused_backward, mean_only, frozen
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance
@@ -115,7 +119,11 @@ class BatchNorm(nnx.Module):
         renorm: tuple[Any, Any] | None = None,
     ) -> jax.Array:
         """The statistics and the call, for given g and b (the layer's own, or per-example ones)."""
-        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        use_ra: bool | None = True
+        if self.frozen:
+            params = shells.frozen(params, use_running_average)
+        else:
+            use_ra = self.use_running_average if use_running_average is None else use_running_average
         if use_ra is None:
             raise ValueError(
                 "BatchNorm: use_running_average is None both in the constructor and in the call; say which "

@@ -36,6 +36,21 @@ def tracks_updates(cfg: Any) -> bool:
     return cfg.track_updates if cfg.track_updates is not None else needed
 
 
+def frozen(params: NormParams, use_running_average: bool | None) -> NormParams:
+    """A ``frozen=True`` BatchNorm: g and b without gradient; a call that asks to update is an error.
+
+    The layer then always normalizes with its stored statistics and never updates them, whatever
+    its ``use_running_average`` attribute or field says (``model.train()`` sets that), so that a
+    pretrained network's batch norms stay fixed while the rest of it trains."""
+    if use_running_average is False:
+        raise ValueError(
+            "BatchNorm(frozen=True) was called with use_running_average=False: a frozen layer never "
+            "uses batch statistics nor updates its running ones. Drop the argument (frozen layers "
+            "ignore model.train() and the field), or build the layer with frozen=False to train it."
+        )
+    return NormParams(*(None if p is None else jax.lax.stop_gradient(p) for p in params))
+
+
 def promote(cfg: Any, x: Any, params: NormParams, extra: tuple = ()) -> tuple[jax.Array, NormParams, Any]:
     """Flax's dtype rule: the output dtype is ``cfg.dtype``, or else the promotion of x's and the
     parameters' dtypes (bf16 x with float32 g, b gives float32 y, as Flax).
