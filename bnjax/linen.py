@@ -69,7 +69,8 @@ class BatchNorm(nn.Module):
     ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
     ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
     ``bias``, whatever ``use_running_average`` says (fine-tuning; a call passing
-    ``use_running_average=False`` is an error).
+    ``use_running_average=False`` is an error). ``virtual_batch_size``: ghost batch norm
+    (Hoffer et al. 2017; see ``bnjax.batch_norm``).
 
     Shapes: x of any rank with features on ``axis``; ``scale``, ``bias``, ``mean``, ``var`` of the
     feature shape. Output: x's shape, and x's dtype (or ``dtype``).
@@ -105,6 +106,7 @@ class BatchNorm(nn.Module):
     track_updates: bool | None = None
     mean_only: bool = False
     frozen: bool = False
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:

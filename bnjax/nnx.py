@@ -47,7 +47,8 @@ class BatchNorm(nnx.Module):
     ``bnjax.mean_only_batch_norm``), usually with ``use_scale=False`` after a ``WeightNorm``.
     ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
     ``bias``, whatever ``model.train()`` or ``use_running_average`` say (fine-tuning; a call
-    passing ``use_running_average=False`` is an error).
+    passing ``use_running_average=False`` is an error). ``virtual_batch_size``: ghost batch norm
+    (Hoffer et al. 2017; see ``bnjax.batch_norm``).
 
     Shapes: x (..., num_features) with the features on ``axis``; output x's shape and dtype.
 
@@ -87,9 +88,11 @@ class BatchNorm(nnx.Module):
         fused_backward: bool = True,
         mean_only: bool = False,
         frozen: bool = False,
+        virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.fused_backward, self.mean_only, self.frozen = fused_backward, mean_only, frozen
+        self.virtual_batch_size = virtual_batch_size
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance

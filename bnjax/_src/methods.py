@@ -81,6 +81,7 @@ def batch_norm(
     debias: bool = True,
     unbiased_running_var: bool = False,
     fused_backward: bool = True,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Batch normalization with explicit running statistics.
 
@@ -126,6 +127,11 @@ def batch_norm(
         only x and the per-statistic μ, 1/σ kept for the backward pass, one all-reduce across
         devices). Reverse mode of any order works; ``False`` leaves it to autodiff, which forward
         mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs.
+      virtual_batch_size: ghost batch norm (Hoffer et al. 2017): axis 0 of the local x is split
+        into consecutive sub-batches of this many examples, each normalized with its own
+        statistics (local to this device, also with ``axis_name``); the running statistics are
+        updated with the exact statistics of the whole batch (with ``axis_name``, the global
+        ones), as without it. Must divide the local batch. No effect in evaluation.
 
     Returns:
       ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
@@ -159,6 +165,7 @@ def batch_norm(
         unbiased_running_var=unbiased_running_var,
         mean_only=False,
         fused_backward=fused_backward,
+        virtual_batch_size=virtual_batch_size,
     )
 
 
@@ -250,9 +257,10 @@ def _batch_norm(
     mean_only: bool,
     fused_backward: bool,
     renorm: tuple[Any, Any] | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """batch_norm, mean_only_batch_norm and batch_renorm (``renorm=(r_max, d_max)``): validate,
-    batch (or stored) statistics, transform, update."""
+    batch (or stored) statistics, transform, update. ``virtual_batch_size``: ghost batch norm."""
     method = "mean_only_batch_norm" if mean_only else "batch_norm"
     if not isinstance(training, bool):
         raise TypeError(
@@ -276,10 +284,23 @@ def _batch_norm(
             var = None if mean_only else jax.lax.stop_gradient(stats.var).reshape(bshape)
             return apply_normalization(x, mean, var, scale, bias, eps, activation), stats
         per_feature = statistics.reduced_size(x.shape, reduce) * _participants(axis_name, axis_index_groups)
+        if virtual_batch_size is not None:
+            virtual_batch_size = _check_virtual_batch(virtual_batch_size, x, reduce, mean_only)
+            per_feature = statistics.reduced_size(x.shape, reduce) // (x.shape[0] // virtual_batch_size)
         _require_several(per_feature, f"x {x.shape} with feature axis {axis!r}", f"{method}(training=True)")
         if mean_only:  # σ = 1: autodiff of a mean subtraction is already minimal
             batch = statistics.global_moments(x, reduce, mask, axis_name, axis_index_groups)
             y = apply_normalization(x, (batch.shift, batch.offset), None, scale, bias, eps, activation)
+        elif virtual_batch_size is not None:
+            if renorm is not None:
+                raise ValueError(
+                    "virtual_batch_size is not supported by batch_renorm: r and d would need the running "
+                    "statistics of each sub-batch; use batch_norm(..., virtual_batch_size=...)."
+                )
+            y, batch = _ghost(
+                x, scale, bias, reduce, eps, mask, axis_name, axis_index_groups, fused_backward, virtual_batch_size
+            )
+            y = _activate(y, activation)
         else:
             if renorm is not None:
                 scale, bias = _renorm_affine(
@@ -302,6 +323,44 @@ def _batch_norm(
             stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
         )
         return y, new_stats
+
+
+def _check_virtual_batch(virtual_batch_size: Any, x: jax.Array, reduce: tuple[int, ...], mean_only: bool) -> int:
+    v = check_int(virtual_batch_size, "virtual_batch_size", 1, ": the number of consecutive examples per sub-batch")
+    if mean_only:
+        raise ValueError("virtual_batch_size is not supported by mean_only_batch_norm (use batch_norm).")
+    if 0 not in reduce:
+        raise ValueError(
+            f"virtual_batch_size splits axis 0 of x {x.shape} into sub-batches, but axis 0 is a feature axis "
+            "here: put the batch on axis 0."
+        )
+    if x.shape[0] % v:
+        raise ValueError(
+            f"virtual_batch_size={v} does not divide the local batch of {x.shape[0]} examples (axis 0 of x "
+            f"{x.shape}): each sub-batch must be whole; use a divisor of {x.shape[0]}."
+        )
+    return v
+
+
+def _ghost(x, scale, bias, reduce, eps, mask, axis_name, axis_index_groups, fused, v):
+    """Ghost batch norm: consecutive sub-batches of ``v`` examples, each normalized with its own
+    (local) statistics; returns (y, the moments of the whole batch, pooled exactly across the
+    sub-batches and, with ``axis_name``, across participants) for the running update."""
+    groups = x.shape[0] // v
+
+    def split(a):  # (N, ...) -> (G, v, ...); a broadcast leading axis stays broadcast
+        if a is None:
+            return None
+        if a.ndim == x.ndim and a.shape[0] == x.shape[0]:
+            return a.reshape((groups, v) + a.shape[1:])
+        return a.reshape((1,) + a.shape)
+
+    xg = x.reshape((groups, v) + x.shape[1:])
+    y, per_group = normalize_with_statistics(
+        xg, split(scale), split(bias), tuple(a + 1 for a in reduce), eps, mask=split(mask), fused=fused
+    )
+    pooled = statistics.merge(per_group)  # over the sub-batches (axis 0), exact
+    return y.reshape(x.shape), statistics.merge_across(pooled, axis_name, axis_index_groups)
 
 
 def _renorm_affine(x, scale, bias, stats, renorm, reduce, eps, mask, axis_name, axis_index_groups, bshape):

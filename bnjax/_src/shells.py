@@ -109,6 +109,8 @@ def batch_norm(
         debias=cfg.debias,
     )
     if cfg.mean_only:
+        if cfg.virtual_batch_size is not None:
+            raise ValueError("BatchNorm(mean_only=True) does not take virtual_batch_size (ghost batch norm).")
         if cfg.unbiased_running_var:
             raise ValueError(
                 "BatchNorm(mean_only=True) never uses the running variance, so unbiased_running_var=True "
@@ -116,6 +118,8 @@ def batch_norm(
             )
         y, new = methods.mean_only_batch_norm(x, params, stats, **common)
     elif renorm is not None:
+        if cfg.virtual_batch_size is not None:
+            raise ValueError("BatchRenorm does not take virtual_batch_size (ghost batch norm): use BatchNorm.")
         if initializing:  # only shapes matter at init, and the bounds may be tracers of the caller's
             renorm = (1.0, 0.0)
         y, new = methods.batch_renorm(
@@ -137,6 +141,7 @@ def batch_norm(
             eps=cfg.epsilon,
             unbiased_running_var=cfg.unbiased_running_var,
             fused_backward=cfg.fused_backward,
+            virtual_batch_size=None if initializing else cfg.virtual_batch_size,
             **common,
         )
     return y.astype(out_dtype), new

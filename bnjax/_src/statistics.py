@@ -258,7 +258,13 @@ def global_moments(
     center: bool = True,
 ) -> Moments:
     """Local moments, merged across ``axis_name`` (within this participant's group) when given."""
-    local = local_moments(x, axes, mask, center=center)
+    return merge_across(local_moments(x, axes, mask, center=center), axis_name, axis_index_groups)
+
+
+def merge_across(
+    local: Moments, axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None = None
+) -> Moments:
+    """Merges each participant's moments over ``axis_name`` (within its group): exact, as ``merge``."""
     if axis_name is None:
         if axis_index_groups is not None:
             raise ValueError("axis_index_groups needs axis_name: the groups index the participants of that axis.")
