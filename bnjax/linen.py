@@ -17,9 +17,10 @@ one, at the cost of the fast one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,8 @@ class BatchNorm(nn.Module):
             params, use_ra = shells.frozen(params, use_running_average), True
         else:
             use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if self.is_mutable_collection(shells.PRECISE) and not (self.is_initializing() or self.frozen or use_ra):
+            self.sow(shells.PRECISE, "moments", shells.input_moments(self, x, mask))  # precise_batch_stats
         shape = shells.feature_shape(x, self.axis)
         loaded_without_count = self.has_variable("batch_stats", "mean") and not self.has_variable(
             "batch_stats", "count"
@@ -452,6 +455,75 @@ class DyT(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         alpha = self.param("alpha", nn.initializers.constant(self.alpha_init_value), (), self.param_dtype)
         return shells.dyt(self, x, alpha, _affine(self, shells.feature_shape(x, self.feature_axes)))
+
+
+def precise_batch_stats(
+    model: nn.Module,
+    variables: Any,
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+    **apply_kwargs: Any,
+) -> Any:
+    """Population statistics after training: every bnjax ``BatchNorm`` of ``model`` gets the exact
+    mean and variance of its inputs over all ``batches``.
+
+    Math: for each layer and feature, with the layer's inputs over all batches as one population
+    (nᵢ elements in batch i, pooled count N = Σnᵢ),
+
+        mean = Σᵢ nᵢ μᵢ / N,   var = (Σᵢ M₂ᵢ + Σᵢ nᵢ (μᵢ − mean)²) / N
+
+    the exact pooled moments (Chan et al.), not the average of per-batch variances (which misses
+    the spread of the batch means; fvcore's precise BN averages those). The model runs in
+    training mode on each batch (pass e.g. ``train=True`` or ``use_running_average=False``
+    through ``apply_kwargs``), so each layer sees the inputs it sees in training; batches may
+    differ in size, and a one-pass iterable is read once. Each batch is the first positional
+    argument of ``model.apply``, jit-compiled once per batch shape. Under ``jit`` over sharded
+    arrays the moments are global (XLA reduces across devices and hosts).
+
+    Returns a copy of ``variables`` whose ``batch_stats`` hold, for every bnjax ``BatchNorm``
+    (and ``BatchRenorm``, ``ConditionalBatchNorm``), ``mean`` and ``var`` = the population ones;
+    everything else (``params``, counters) is unchanged.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> model = nn.Sequential([nn.Dense(4), bnjax.linen.BatchNorm(use_running_average=False)])
+      >>> v = model.init(jax.random.key(0), jnp.ones((2, 3)))
+      >>> batches = [jax.random.normal(jax.random.key(i), (8, 3)) for i in range(3)]
+      >>> v = bnjax.linen.precise_batch_stats(model, v, batches, progress=False)
+      >>> v["batch_stats"]["layers_1"]["var"].shape
+      (4,)
+
+    References:
+      Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", §3 (precise BN); Chan, Golub &
+      LeVeque 1979 (the pooled variance).
+    """
+
+    @jax.jit
+    def moments(variables, batch):
+        _, state = model.apply(variables, batch, mutable=[shells.PRECISE, "batch_stats"], **apply_kwargs)
+        return state.get(shells.PRECISE, {})
+
+    totals: dict[tuple[str, ...], Any] = {}
+    for batch in shells.progress(batches, progress, "precise batch statistics"):
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(moments(variables, batch)))
+        for path, sown in flat.items():  # path ends in "moments"; sown: a tuple of the calls' moments
+            for part in sown:
+                totals[path[:-1]] = shells.pool(totals.get(path[:-1]), part)
+    if not totals:
+        raise ValueError(
+            "precise_batch_stats found no bnjax BatchNorm in training mode: pass what puts the model in "
+            "training mode through apply_kwargs (e.g. train=True or use_running_average=False), and use "
+            "bnjax.linen.BatchNorm layers."
+        )
+    new = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+    for path, total in totals.items():
+        for name, value in (("mean", total.mean), ("var", total.var)):
+            key = ("batch_stats", *path, name)
+            if key not in new:
+                raise KeyError(f"precise_batch_stats: the layer at {'/'.join(path)} has no batch_stats/{name}.")
+            new[key] = value.astype(jnp.asarray(new[key]).dtype)
+    return flax.traverse_util.unflatten_dict(new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,4 +912,5 @@ __all__ = [
     "StandardizedConv",
     "WeightNorm",
     "WeightStandardization",
+    "precise_batch_stats",
 ]

@@ -13,7 +13,7 @@ parameters' dtypes, as Flax.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax._src import shells, weights
+from bnjax._src import shells, statistics, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
 
@@ -60,6 +60,8 @@ class BatchNorm(nnx.Module):
       >>> round(float(layer.mean[...][0]), 4)  # plain EMA from 0: (1 - 0.9) * batch mean 1.25
       0.125
     """
+
+    _precise_capture: Any = None  # a _Captured variable while precise_batch_stats runs
 
     def __init__(
         self,
@@ -127,6 +129,9 @@ class BatchNorm(nnx.Module):
             params = shells.frozen(params, use_running_average)
         else:
             use_ra = self.use_running_average if use_running_average is None else use_running_average
+        capture = self._precise_capture
+        if capture is not None and not self.frozen and not use_ra:  # set by precise_batch_stats for its pass
+            capture.set_value(shells.pool(capture.get_value(), shells.input_moments(self, x, mask)))
         if use_ra is None:
             raise ValueError(
                 "BatchNorm: use_running_average is None both in the constructor and in the call; say which "
@@ -633,6 +638,74 @@ class DyT(nnx.Module):
         return shells.dyt(self, x, self.alpha[...], NormParams(_value(self.scale), _value(self.bias)))
 
 
+class _Captured(nnx.Variable):
+    """The pooled input moments of one BatchNorm during ``precise_batch_stats``."""
+
+
+def precise_batch_stats(model: nnx.Module, batches: Iterable[Any], *, progress: bool = True) -> nnx.Module:
+    """Population statistics after training, in place: every bnjax ``BatchNorm`` of ``model``
+    (``BatchRenorm``, ``ConditionalBatchNorm`` too; frozen ones are left alone) gets the exact
+    mean and variance of its inputs over all ``batches``; see ``bnjax.linen.precise_batch_stats``
+    for the math.
+
+    The model runs in training mode for the pass (``model.train()``) on each batch, the first
+    positional argument of ``model(batch)``, under ``nnx.jit``; afterwards every module's
+    ``use_running_average`` and ``deterministic`` attribute is restored, and so is every
+    ``nnx.BatchStat`` but the new means and variances (a random stream the model draws from, e.g.
+    dropout's, has advanced). Batches may differ in size; a one-pass iterable is read once.
+    Returns ``model``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), bnjax.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> batches = [jax.random.normal(jax.random.key(i), (8, 3)) for i in range(3)]
+      >>> model = bnjax.nnx.precise_batch_stats(model, batches, progress=False)
+      >>> model.layers[1].var[...].shape
+      (4,)
+
+    References:
+      Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", §3 (precise BN).
+    """
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, BatchNorm) and not m.frozen]
+    if not layers:
+        raise ValueError("precise_batch_stats found no (unfrozen) bnjax.nnx.BatchNorm in the model.")
+    modes = [
+        (m, name, getattr(m, name))
+        for _, m in nnx.iter_graph(model)
+        if isinstance(m, nnx.Module)
+        for name in ("use_running_average", "deterministic")
+        if hasattr(m, name)
+    ]
+    saved = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
+
+    def empty(layer: BatchNorm) -> Any:
+        zero = jnp.zeros((layer.num_features,), jnp.float32)
+        return statistics.Moments(zero, zero, zero, zero)
+
+    step = nnx.jit(lambda m, batch: m(batch))
+    totals: list[Any] = [None] * len(layers)
+    model.train()
+    try:
+        for batch in shells.progress(batches, progress, "precise batch statistics"):
+            for layer in layers:
+                layer._precise_capture = _Captured(empty(layer))
+            step(model, batch)
+            for i, layer in enumerate(layers):
+                totals[i] = shells.pool(totals[i], layer._precise_capture.get_value())
+    finally:
+        for layer in layers:
+            if "_precise_capture" in vars(layer):
+                del layer._precise_capture  # back to the class's None
+        for m, name, value in modes:
+            setattr(m, name, value)
+        nnx.update(model, saved)
+    for layer, total in zip(layers, totals, strict=True):
+        if total is not None:
+            layer.mean[...], layer.var[...] = total.mean, total.var
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics from the weights
 
@@ -1044,4 +1117,5 @@ __all__ = [
     "StandardizedConv",
     "WeightNorm",
     "WeightStandardization",
+    "precise_batch_stats",
 ]

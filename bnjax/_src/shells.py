@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from bnjax._src import methods, statistics, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import BatchStats
-from bnjax._src.validation import canonical_axes
+from bnjax._src.validation import canonical_axes, check_mask
 
 
 def tracks_updates(cfg: Any) -> bool:
@@ -328,3 +328,38 @@ def ada_ln_zero(
     shift, scale, gate = (m.reshape(shape) for m in jnp.split(modulation, 3, axis=-1))
     h = methods.layer_norm(x, NormParams(scale, shift), eps=cfg.epsilon, scale_offset=1.0)
     return x + gate * inner(h, *args, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precise (population) batch statistics
+
+
+PRECISE = "precise_batch_stats"  # the linen collection a capturing BatchNorm sows its input moments into
+
+
+def input_moments(cfg: Any, x: Any, mask: Any) -> statistics.Moments:
+    """The moments (count, shift, offset, M₂) of a BatchNorm's input over its batch axes, per
+    feature (flattened to the feature shape): the part of one batch in the population statistics.
+    Global over sharded arrays under ``jit`` (XLA reduces across shards)."""
+    x = jnp.asarray(x)
+    feat = canonical_axes(cfg.axis, x.ndim, shape=x.shape)
+    shape = tuple(x.shape[a] for a in feat)
+    m = statistics.local_moments(
+        jax.lax.stop_gradient(x), tuple(a for a in range(x.ndim) if a not in feat), check_mask(mask, x)
+    )
+    return statistics.Moments(*(v.reshape(shape) for v in m))
+
+
+def pool(total: statistics.Moments | None, part: statistics.Moments) -> statistics.Moments:
+    """Exact union of two sets of moments (count-weighted, ``statistics.merge``)."""
+    if total is None:
+        return part
+    return statistics.merge(statistics.Moments(*(jnp.stack([a, b]) for a, b in zip(total, part, strict=True))))
+
+
+def progress(iterable: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc)
