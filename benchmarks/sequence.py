@@ -56,7 +56,7 @@ def _rms_pairs(dtype):
 
     def naive(x, r, g):
         h = r + x.astype(r.dtype)
-        y = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + EPS) * g
+        y = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + EPS) * g.reshape((1,) * (h.ndim - 1) + g.shape)
         return y.astype(x.dtype), h
 
     return {
