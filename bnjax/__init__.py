@@ -16,6 +16,7 @@ from bnjax._src.methods import mean_only_batch_norm as mean_only_batch_norm
 from bnjax._src.methods import rms_norm as rms_norm
 from bnjax._src.params import NormParams as NormParams
 from bnjax._src.params import init_params as init_params
+from bnjax._src.running import AccumulatingStats as AccumulatingStats
 from bnjax._src.running import BatchStats as BatchStats
 from bnjax._src.running import init_stats as init_stats
 from bnjax._src.statistics import moments as moments
@@ -32,6 +33,7 @@ from bnjax._src.weights import weight_standardize as weight_standardize
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulatingStats",
     "BatchStats",
     "NormParams",
     "add_layer_norm",

@@ -9,7 +9,7 @@ RMS norm        μ = 0, σ² = E[x²] over the features of one example
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,7 @@ def batch_norm(
     unbiased_running_var: bool = False,
     fused_backward: bool = True,
     virtual_batch_size: int | None = None,
+    accumulation_steps: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Batch normalization with explicit running statistics.
 
@@ -132,6 +133,11 @@ def batch_norm(
         statistics (local to this device, also with ``axis_name``); the running statistics are
         updated with the exact statistics of the whole batch (with ``axis_name``, the global
         ones), as without it. Must divide the local batch. No effect in evaluation.
+      accumulation_steps: k for gradient accumulation (the stats from
+        ``init_stats(C, accumulation_steps=k)``): each training call pools its batch moments into
+        the state, and every k-th call applies one running update with the exact pooled
+        statistics of those k micro-batches, so ``momentum`` means per optimizer step what it
+        means without accumulation. No effect in evaluation.
 
     Returns:
       ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
@@ -166,6 +172,7 @@ def batch_norm(
         mean_only=False,
         fused_backward=fused_backward,
         virtual_batch_size=virtual_batch_size,
+        accumulation_steps=accumulation_steps,
     )
 
 
@@ -258,6 +265,7 @@ def _batch_norm(
     fused_backward: bool,
     renorm: tuple[Any, Any] | None = None,
     virtual_batch_size: int | None = None,
+    accumulation_steps: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """batch_norm, mean_only_batch_norm and batch_renorm (``renorm=(r_max, d_max)``): validate,
     batch (or stored) statistics, transform, update. ``virtual_batch_size``: ghost batch norm."""
@@ -319,10 +327,22 @@ def _batch_norm(
             )
             y = _activate(y, activation)
         flat = Moments(*(v.reshape(feature_shape) for v in batch))
-        new_stats = running.update(
-            stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
-        )
-        return y, new_stats
+        k = running.check_accumulation(stats, accumulation_steps)
+        new: Any
+        if k is None:
+            new = running.update(
+                stats, flat, momentum=momentum, debias=debias, unbiased_running_var=unbiased_running_var
+            )
+        else:
+            new = running.accumulate(
+                cast(running.AccumulatingStats, stats),
+                flat,
+                k,
+                momentum=momentum,
+                debias=debias,
+                unbiased_running_var=unbiased_running_var,
+            )
+        return y, new
 
 
 def _check_virtual_batch(virtual_batch_size: Any, x: jax.Array, reduce: tuple[int, ...], mean_only: bool) -> int:

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax._src.statistics import Moments
-from bnjax._src.validation import features_arg, stats_dtype_ok
+from bnjax._src.statistics import Moments, merge
+from bnjax._src.validation import check_int, features_arg, stats_dtype_ok
 
 
 class BatchStats(NamedTuple):
@@ -54,12 +54,49 @@ class BatchStats(NamedTuple):
     skipped: jax.Array | None = None
 
 
-def init_stats(features: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> BatchStats:
+class AccumulatingStats(NamedTuple):
+    """Running statistics under gradient accumulation (``init_stats(C, accumulation_steps=k)``).
+
+    Attributes:
+      stats: the ``BatchStats`` (updated once per k training calls).
+      pending: the pooled moments (count, shift, offset, M₂ per feature) of the micro-batches seen
+        since the last update.
+      phase: an int32 vector of length k whose first entries are 1 for the micro-batches already
+        pooled (its length is k, so a mismatch with a call's ``accumulation_steps`` is caught at
+        trace time).
+
+    ``mean``, ``var`` and ``skipped`` read those of ``stats`` (``stats.count`` is the number of
+    running updates applied).
+    """
+
+    stats: BatchStats
+    pending: Moments
+    phase: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.stats.mean
+
+    @property
+    def var(self) -> jax.Array:
+        return self.stats.var
+
+    @property
+    def skipped(self) -> jax.Array | None:
+        return self.stats.skipped
+
+
+def init_stats(
+    features: int | tuple[int, ...], *, dtype: Any = jnp.float32, accumulation_steps: int | None = None
+) -> BatchStats:
     """Fresh running statistics: mean 0, var 1, count 0, skipped 0.
 
     Args:
       features: number of features (size of the channel axis), or a shape tuple.
       dtype: float32 or wider; statistics and their EMA are never kept in low precision.
+      accumulation_steps: k for gradient accumulation (``batch_norm(..., accumulation_steps=k)``):
+        returns an ``AccumulatingStats``, which also holds the pooled moments of the pending
+        micro-batches and a phase vector of length k (fixed structure: a ``lax.scan`` carry).
 
     Returns:
       ``BatchStats`` with ``mean``, ``var`` and ``skipped`` of shape ``(features,)`` and an int32
@@ -80,16 +117,80 @@ def init_stats(features: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> 
             "low-precision EMAs stall and lose the variance. The layer's output keeps x's dtype anyway."
         )
     shape = (features,) if isinstance(features, int) else tuple(features)
-    return BatchStats(
+    stats = BatchStats(
         mean=jnp.zeros(shape, dtype),
         var=jnp.ones(shape, dtype),
         count=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros(shape, jnp.int32),
     )
+    if accumulation_steps is None:
+        return stats
+    k = check_int(accumulation_steps, "accumulation_steps", 1, ": the number of micro-batches per update")
+    return AccumulatingStats(stats, empty_moments(shape, dtype), jnp.zeros((k,), jnp.int32))  # type: ignore[return-value]
 
 
-def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> BatchStats:
-    """Validates shapes and dtypes of ``stats`` against the features of x."""
+def empty_moments(shape: tuple[int, ...], dtype: Any = jnp.float32) -> Moments:
+    zero = jnp.zeros(shape, dtype)
+    return Moments(zero, zero, zero, zero)
+
+
+def check_accumulation(stats: Any, accumulation_steps: Any) -> int | None:
+    """The k of a call against the state's: both absent, or equal (k is the length of stats.phase)."""
+    accumulating = isinstance(stats, AccumulatingStats)
+    if accumulation_steps is None:
+        if accumulating:
+            raise ValueError(
+                f"stats were made for gradient accumulation over {jnp.shape(stats.phase)[0]} micro-batches "
+                "(init_stats(..., accumulation_steps=k)) but this call has accumulation_steps=None: pass "
+                "the same accumulation_steps, or use init_stats without it."
+            )
+        return None
+    k = check_int(accumulation_steps, "accumulation_steps", 1, ": the number of micro-batches per update")
+    if not accumulating:
+        raise ValueError(
+            f"accumulation_steps={k} needs running statistics that hold the pending micro-batches: create "
+            f"them with bnjax.init_stats(C, accumulation_steps={k})."
+        )
+    if jnp.shape(stats.phase) != (k,):
+        raise ValueError(
+            f"accumulation_steps={k} does not match the state, made with accumulation_steps="
+            f"{jnp.shape(stats.phase)[0]}: pass the same k as to init_stats."
+        )
+    return k
+
+
+def accumulate(acc: AccumulatingStats, batch: Moments, k: int, **update_kwargs: Any) -> AccumulatingStats:
+    """Gradient accumulation: pools ``batch`` into ``acc.pending``; every k-th call applies one
+    update (``update``) with the pooled moments of the k micro-batches and clears them."""
+    acc = jax.tree.map(lax.stop_gradient, acc)
+    batch = jax.tree.map(lax.stop_gradient, batch)
+    pending = jax.tree.map(lambda p, b: p.astype(b.dtype), acc.pending, batch)
+    pooled = merge(jax.tree.map(lambda p, b: jnp.stack([p, b]), pending, batch))
+    seen = jnp.sum(acc.phase)
+    done = seen + 1 >= k
+    updated = update(acc.stats, pooled, **update_kwargs)
+    new_stats = jax.tree.map(lambda a, b: jnp.where(done, a, b), updated, acc.stats)
+    cleared = empty_moments(jnp.shape(acc.stats.mean), jnp.result_type(acc.pending.m2))
+    new_pending = jax.tree.map(lambda c, p: jnp.where(done, c, p.astype(c.dtype)), cleared, pooled)
+    marked = jnp.where(jnp.arange(k) == seen, 1, acc.phase).astype(acc.phase.dtype)
+    return AccumulatingStats(new_stats, new_pending, jnp.where(done, jnp.zeros_like(acc.phase), marked))
+
+
+def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> Any:
+    """Validates shapes and dtypes of ``stats`` (a ``BatchStats``, or an ``AccumulatingStats``)."""
+    if isinstance(stats, AccumulatingStats):
+        check_stats(stats.stats, feature_shape)
+        for name, value in zip(Moments._fields, stats.pending, strict=True):
+            if jnp.shape(value) != feature_shape:
+                raise ValueError(
+                    f"stats.pending.{name} has shape {jnp.shape(value)} but x's features have shape "
+                    f"{feature_shape}: create the statistics with init_stats(C, accumulation_steps=k)."
+                )
+        if jnp.ndim(stats.phase) != 1:
+            raise ValueError(
+                f"stats.phase must be a vector of length accumulation_steps, got {jnp.shape(stats.phase)}."
+            )
+        return stats
     if not isinstance(stats, BatchStats):
         raise TypeError(
             f"stats must be a bnjax.BatchStats, got {type(stats).__name__}; create it with "
@@ -109,9 +210,9 @@ def check_stats(stats: Any, feature_shape: tuple[int, ...]) -> BatchStats:
                 f"create the statistics with bnjax.init_stats({features_arg(feature_shape)})."
             )
     for name in ("mean", "var") + (("skipped",) if stats.skipped is not None else ()):
-        value = jnp.shape(getattr(stats, name))
-        if value != feature_shape:
-            raise ValueError(f"stats.{name} has shape {value} but x's features have shape {feature_shape}: {fix}")
+        got = jnp.shape(getattr(stats, name))
+        if got != feature_shape:
+            raise ValueError(f"stats.{name} has shape {got} but x's features have shape {feature_shape}: {fix}")
     for name in ("mean", "var"):
         dtype = jnp.result_type(getattr(stats, name))
         if not stats_dtype_ok(dtype):
