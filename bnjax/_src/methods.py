@@ -386,7 +386,7 @@ def _ghost(x, scale, bias, reduce, eps, mask, axis_name, axis_index_groups, fuse
 def _renorm_affine(x, scale, bias, stats, renorm, reduce, eps, mask, axis_name, axis_index_groups, bshape):
     """Batch renorm as batch norm with the gain g·r and the shift g·d + b (r, d constants):
     g·(x̂_B·r + d) + b = (g·r)·x̂_B + (g·d + b), so the fused pass and its backward apply as is.
-    The batch moments computed here are those the fused pass computes again (XLA merges the two)."""
+    The fused pass computes the same batch moments again (one more read of x unless XLA merges them)."""
     r_max, d_max = renorm
     dtype = statistics.compute_dtype(x.dtype)
     batch = statistics.global_moments(jax.lax.stop_gradient(x), reduce, mask, axis_name, axis_index_groups)
