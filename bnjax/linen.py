@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import shells, weights
+from bnjax._src import shells, statistics, weights
 from bnjax._src.params import NormParams
-from bnjax._src.running import BatchStats
+from bnjax._src.running import AccumulatingStats, BatchStats
 
 Initializer = Callable[..., Any]
 Axes = int | Sequence[int]
@@ -71,7 +71,10 @@ class BatchNorm(nn.Module):
     ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
     ``bias``, whatever ``use_running_average`` says (fine-tuning; a call passing
     ``use_running_average=False`` is an error). ``virtual_batch_size``: ghost batch norm
-    (Hoffer et al. 2017; see ``bnjax.batch_norm``).
+    (Hoffer et al. 2017; see ``bnjax.batch_norm``). ``accumulation_steps=k``: gradient
+    accumulation, one running update per k training calls with the pooled statistics of their
+    micro-batches (see ``bnjax.batch_norm``); ``batch_stats`` then also holds ``pending_count``,
+    ``pending_shift``, ``pending_offset``, ``pending_m2`` (feature shape) and ``phase`` (k,).
 
     Shapes: x of any rank with features on ``axis``; ``scale``, ``bias``, ``mean``, ``var`` of the
     feature shape. Output: x's shape, and x's dtype (or ``dtype``).
@@ -108,6 +111,7 @@ class BatchNorm(nn.Module):
     mean_only: bool = False
     frozen: bool = False
     virtual_batch_size: int | None = None
+    accumulation_steps: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
@@ -154,8 +158,18 @@ class BatchNorm(nn.Module):
             stats = BatchStats(mean.value, var.value, count.value, skipped.value)
         else:
             stats = BatchStats(mean.value, var.value, jnp.zeros((), jnp.int32))
-        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, self.is_initializing(), renorm)
+        k = shells.accumulation_steps(self)
+        state: Any = stats
+        if k is not None:  # gradient accumulation: the pending micro-batches' moments and the phase
+            pending = [self.variable("batch_stats", n, jnp.zeros, shape, jnp.float32) for n in shells.PENDING]
+            phase = self.variable("batch_stats", "phase", jnp.zeros, (k,), jnp.int32)
+            state = AccumulatingStats(stats, statistics.Moments(*(v.value for v in pending)), phase.value)
+        y, new = shells.batch_norm(self, x, params, state, not use_ra, mask, self.is_initializing(), renorm)
         if not use_ra and not self.is_initializing():  # as Flax: init does not update the statistics
+            if k is not None:
+                for v, value in zip(pending, new.pending, strict=True):
+                    v.value = value
+                phase.value, new = new.phase, new.stats
             mean.value, var.value = new.mean, new.var
             if track:
                 count.value = new.count
@@ -509,7 +523,7 @@ def precise_batch_stats(
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(moments(variables, batch)))
         for path, sown in flat.items():  # path ends in "moments"; sown: a tuple of the calls' moments
             for part in sown:
-                totals[path[:-1]] = shells.pool(totals.get(path[:-1]), part)
+                totals[path[:-1]] = statistics.pool(totals.get(path[:-1]), part)
     if not totals:
         raise ValueError(
             "precise_batch_stats found no bnjax BatchNorm in training mode: pass what puts the model in "

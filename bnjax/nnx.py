@@ -23,7 +23,7 @@ from flax import nnx
 
 from bnjax._src import shells, statistics, weights
 from bnjax._src.params import NormParams
-from bnjax._src.running import BatchStats
+from bnjax._src.running import AccumulatingStats, BatchStats
 
 Initializer = Callable[..., Any]
 Axes = int | Sequence[int]
@@ -48,7 +48,10 @@ class BatchNorm(nnx.Module):
     ``frozen=True``: always the stored statistics, never an update, no gradient to ``scale`` and
     ``bias``, whatever ``model.train()`` or ``use_running_average`` say (fine-tuning; a call
     passing ``use_running_average=False`` is an error). ``virtual_batch_size``: ghost batch norm
-    (Hoffer et al. 2017; see ``bnjax.batch_norm``).
+    (Hoffer et al. 2017; see ``bnjax.batch_norm``). ``accumulation_steps=k``: gradient
+    accumulation, one running update per k training calls with the pooled statistics of their
+    micro-batches (see ``bnjax.batch_norm``); the layer then also holds the ``nnx.BatchStat``
+    attributes ``pending_count``, ``pending_shift``, ``pending_offset``, ``pending_m2`` and ``phase``.
 
     Shapes: x (..., num_features) with the features on ``axis``; output x's shape and dtype.
 
@@ -91,10 +94,11 @@ class BatchNorm(nnx.Module):
         mean_only: bool = False,
         frozen: bool = False,
         virtual_batch_size: int | None = None,
+        accumulation_steps: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.fused_backward, self.mean_only, self.frozen = fused_backward, mean_only, frozen
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size, self.accumulation_steps = virtual_batch_size, accumulation_steps
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon, self.dtype = axis, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups, self.use_fast_variance = axis_name, axis_index_groups, use_fast_variance
@@ -110,6 +114,11 @@ class BatchNorm(nnx.Module):
         track = shells.tracks_updates(self)
         self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if track else None
         self.skipped = nnx.BatchStat(jnp.zeros(shape, jnp.int32)) if track else None
+        k = shells.accumulation_steps(self)
+        if k is not None:  # gradient accumulation: the pending micro-batches' moments and the phase
+            for name in shells.PENDING:
+                setattr(self, name, nnx.BatchStat(jnp.zeros(shape, jnp.float32)))
+            self.phase = nnx.BatchStat(jnp.zeros((k,), jnp.int32))
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
         params = NormParams(_value(self.scale), _value(self.bias))
@@ -131,7 +140,7 @@ class BatchNorm(nnx.Module):
             use_ra = self.use_running_average if use_running_average is None else use_running_average
         capture = self._precise_capture
         if capture is not None and not self.frozen and not use_ra:  # set by precise_batch_stats for its pass
-            capture.set_value(shells.pool(capture.get_value(), shells.input_moments(self, x, mask)))
+            capture.set_value(statistics.pool(capture.get_value(), shells.input_moments(self, x, mask)))
         if use_ra is None:
             raise ValueError(
                 "BatchNorm: use_running_average is None both in the constructor and in the call; say which "
@@ -142,8 +151,17 @@ class BatchNorm(nnx.Module):
         count = _value(self.count)
         stats = BatchStats(self.mean[...], self.var[...], jnp.zeros((), jnp.int32) if count is None else count)
         stats = stats._replace(skipped=_value(self.skipped))
-        y, new = shells.batch_norm(self, x, params, stats, not use_ra, mask, renorm=renorm)
+        k = shells.accumulation_steps(self)
+        state: Any = stats
+        if k is not None:
+            pending = statistics.Moments(*(getattr(self, n)[...] for n in shells.PENDING))
+            state = AccumulatingStats(stats, pending, self.phase[...])
+        y, new = shells.batch_norm(self, x, params, state, not use_ra, mask, renorm=renorm)
         if not use_ra:
+            if k is not None:
+                for name, value in zip(shells.PENDING, new.pending, strict=True):
+                    getattr(self, name)[...] = value
+                self.phase[...], new = new.phase, new.stats
             self.mean[...], self.var[...] = new.mean, new.var
             if self.count is not None and self.skipped is not None:
                 self.count[...], self.skipped[...] = new.count, new.skipped
@@ -679,20 +697,16 @@ def precise_batch_stats(model: nnx.Module, batches: Iterable[Any], *, progress: 
     ]
     saved = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
 
-    def empty(layer: BatchNorm) -> Any:
-        zero = jnp.zeros((layer.num_features,), jnp.float32)
-        return statistics.Moments(zero, zero, zero, zero)
-
     step = nnx.jit(lambda m, batch: m(batch))
     totals: list[Any] = [None] * len(layers)
     model.train()
     try:
         for batch in shells.progress(batches, progress, "precise batch statistics"):
             for layer in layers:
-                layer._precise_capture = _Captured(empty(layer))
+                layer._precise_capture = _Captured(statistics.empty_moments((layer.num_features,)))
             step(model, batch)
             for i, layer in enumerate(layers):
-                totals[i] = shells.pool(totals[i], layer._precise_capture.get_value())
+                totals[i] = statistics.pool(totals[i], layer._precise_capture.get_value())
     finally:
         for layer in layers:
             if "_precise_capture" in vars(layer):

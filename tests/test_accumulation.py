@@ -119,3 +119,127 @@ def test_accumulation_bad_input(stats_k, call_k, err, match):
         bnjax.batch_norm(x, bnjax.init_params(C), st, training=True, accumulation_steps=call_k)
     with pytest.raises(ValueError, match="accumulation_steps must be"):
         bnjax.init_stats(C, accumulation_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Flax shells: BatchNorm(accumulation_steps=k), linen and nnx
+
+
+def _ema64(parts, steps, momentum=0.9):
+    """Flax's plain EMA from (0, 1), one update per optimizer step with the float64 statistics of
+    that step's concatenated micro-batches."""
+    mean, var = np.zeros(C), np.ones(C)
+    for step in range(steps):
+        x = np.concatenate([np.asarray(p, np.float64) for p in parts[step]])
+        mean = momentum * mean + (1 - momentum) * x.mean(0)
+        var = momentum * var + (1 - momentum) * x.var(0)
+    return mean, var
+
+
+def test_linen_batch_norm_accumulates_one_update_per_k_calls():
+    import flax.linen as nn
+
+    import bnjax.linen
+
+    parts = [_micro(0), _micro(10)]
+    layer = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9, accumulation_steps=K)
+    v = layer.init(jax.random.key(0), parts[0][0])
+    assert sorted(v["batch_stats"]) == [
+        "mean",
+        "pending_count",
+        "pending_m2",
+        "pending_offset",
+        "pending_shift",
+        "phase",
+        "var",
+    ]
+    apply = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))
+    plain = nn.BatchNorm(use_running_average=False, momentum=0.9)
+    for step, micro in enumerate(parts):
+        for i, x in enumerate(micro):
+            y, upd = apply(v, x)
+            v = {**v, **upd}
+            flax_vars = {"params": v["params"], "batch_stats": {k: v["batch_stats"][k] for k in ("mean", "var")}}
+            y_flax, _ = plain.apply(flax_vars, x, mutable=["batch_stats"])
+            np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)  # each call: its micro-batch's statistics
+            if i < K - 1:
+                np.testing.assert_array_equal(v["batch_stats"]["phase"], (np.arange(K) <= i).astype(np.int32))
+        mean, var = _ema64(parts, step + 1)
+        np.testing.assert_allclose(v["batch_stats"]["mean"], mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(v["batch_stats"]["var"], var, rtol=1e-6)
+        np.testing.assert_array_equal(v["batch_stats"]["pending_count"], np.zeros(C))
+    # evaluation reads the running statistics and changes nothing
+    y_eval = layer.clone(use_running_average=True).apply(v, parts[0][0])
+    x64 = np.asarray(parts[0][0], np.float64)
+    np.testing.assert_allclose(y_eval, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_nnx_batch_norm_and_renorm_accumulate_like_the_functional_api(debias):
+    from flax import nnx
+
+    import bnjax.nnx
+
+    layers = [
+        bnjax.nnx.BatchNorm(C, momentum=0.9, debias=debias, accumulation_steps=K, rngs=nnx.Rngs(0)),
+        bnjax.nnx.BatchRenorm(
+            C, momentum=0.9, debias=debias, accumulation_steps=K, r_max=1.0, d_max=0.0, rngs=nnx.Rngs(0)
+        ),
+    ]
+    ref = bnjax.init_stats(C, accumulation_steps=K)
+    p = bnjax.init_params(C)
+    step = nnx.jit(lambda m, x: m(x))
+    functional = jax.jit(
+        lambda x, st: bnjax.batch_norm(x, p, st, training=True, momentum=0.9, debias=debias, accumulation_steps=K)
+    )
+    for x in _micro(0) + _micro(10):
+        y_ref, ref = functional(x, ref)
+        for layer in layers:
+            np.testing.assert_array_equal(step(layer, x), y_ref)
+            np.testing.assert_array_equal(layer.mean[...], ref.mean)
+            np.testing.assert_array_equal(layer.var[...], ref.var)
+            np.testing.assert_array_equal(layer.pending_m2[...], ref.pending.m2)
+            np.testing.assert_array_equal(layer.phase[...], ref.phase)
+    mean, var = _ema64([_micro(0), _micro(10)], 2) if not debias else (None, None)
+    if mean is not None:
+        np.testing.assert_allclose(layers[0].mean[...], mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(layers[0].var[...], var, rtol=1e-6)
+    layers[0].eval()
+    before = nnx.state(layers[0], nnx.BatchStat)
+    layers[0](_micro(0)[0])
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(layers[0], nnx.BatchStat), before)
+
+
+def test_shell_accumulation_bad_input():
+    from flax import nnx
+
+    import bnjax.linen
+    import bnjax.nnx
+
+    x = _micro(0)[0]
+    with pytest.raises(ValueError, match=r"frozen=True, accumulation_steps=3"):
+        bnjax.nnx.BatchNorm(C, frozen=True, accumulation_steps=K, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"BatchNorm\(accumulation_steps\) must be an int >= 1"):
+        bnjax.nnx.BatchNorm(C, accumulation_steps=0, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"BatchNorm\(accumulation_steps\) must be a Python int"):
+        bnjax.linen.BatchNorm(use_running_average=False, accumulation_steps=2.0).init(jax.random.key(0), x)
+    # a state made for another k (a checkpoint of accumulation_steps=2) is refused, naming both
+    v = bnjax.linen.BatchNorm(use_running_average=False, accumulation_steps=2).init(jax.random.key(0), x)
+    with pytest.raises(
+        ValueError, match="accumulation_steps=3 does not match the state, made with accumulation_steps=2"
+    ):
+        bnjax.linen.BatchNorm(use_running_average=False, accumulation_steps=K).apply(v, x, mutable=["batch_stats"])
+
+
+def test_mean_only_and_renorm_accumulate_the_same_way():
+    p = bnjax.init_params(C)
+    parts = _micro(3)
+    for fn, kw in ((bnjax.mean_only_batch_norm, {}), (bnjax.batch_renorm, {"r_max": 2.0, "d_max": 1.0})):
+        st = bnjax.init_stats(C, accumulation_steps=K)
+        for x in parts:
+            _, st = fn(x, p, st, training=True, momentum=0.9, accumulation_steps=K, **kw)
+        _, ref = fn(jnp.concatenate(parts), p, bnjax.init_stats(C), training=True, momentum=0.9, **kw)
+        # the pooled mean vs the mean of the concatenation: float32 rounding at |mean| ~ 2
+        np.testing.assert_allclose(st.mean, ref.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(st.var, ref.var, rtol=1e-6)
+        assert int(st.stats.count) == 1

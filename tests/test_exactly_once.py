@@ -1,6 +1,6 @@
 """Running statistics are updated exactly once per training call, under the transformations that
 re-run a forward pass (jax.checkpoint / nn.remat / nnx.remat recompute it in the backward pass)
-or trace it several times (nn.scan over layers, lax.cond's two branches). The state is a value
+or trace it several times (nn.scan and nnx.scan over layers, lax.cond's two branches). The state is a value
 returned by the forward pass, so a recomputation cannot apply it twice; these tests hold that."""
 
 from __future__ import annotations
@@ -110,3 +110,30 @@ def test_lax_cond_applies_the_update_of_the_branch_taken_once():
     jax.tree.map(np.testing.assert_array_equal, same, new)
     g = jax.grad(lambda x: jnp.sum(run(True, x, st)[0] ** 3))(X)
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_nnx_scan_over_layers_with_remat():
+    layers_n = 3
+
+    @nnx.split_rngs(splits=layers_n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return bnjax.nnx.BatchNorm(C, momentum=MOMENTUM, rngs=rngs)
+
+    stack = make(nnx.Rngs(0))
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    @nnx.remat
+    def forward(layer, x):
+        return layer(x)
+
+    nnx.grad(lambda m: jnp.sum(forward(m, X) ** 3))(stack)
+    h = X
+    assert stack.mean[...].shape == (layers_n, C)
+    for i in range(layers_n):
+        h, new = bnjax.batch_norm(
+            h, bnjax.init_params(C), bnjax.init_stats(C), training=True, momentum=MOMENTUM, debias=False
+        )
+        np.testing.assert_allclose(stack.mean[...][i], new.mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stack.var[...][i], new.var, rtol=1e-5)
+    np.testing.assert_allclose(stack.mean[...][0], _one_update(), rtol=1e-6)

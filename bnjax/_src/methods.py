@@ -9,7 +9,7 @@ RMS norm        μ = 0, σ² = E[x²] over the features of one example
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from bnjax._src import collective, running, statistics
 from bnjax._src.params import NormParams, check_params, with_scale_offset
-from bnjax._src.running import BatchStats
+from bnjax._src.running import AccumulatingStats, BatchStats
 from bnjax._src.statistics import Moments
 from bnjax._src.transform import Activation, apply_normalization, normalize_with_statistics
 from bnjax._src.validation import (
@@ -31,6 +31,8 @@ from bnjax._src.validation import (
     check_mask,
     check_momentum,
 )
+
+S = TypeVar("S", BatchStats, AccumulatingStats)  # running statistics: the call returns the kind it was given
 
 
 def _affine(params: NormParams, shape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
@@ -68,7 +70,7 @@ def _participants(axis_name: collective.AxisName | None, axis_index_groups: coll
 def batch_norm(
     x: ArrayLike,
     params: NormParams | None,
-    stats: BatchStats,
+    stats: S,
     *,
     training: bool,
     axis: Axes = -1,
@@ -83,7 +85,7 @@ def batch_norm(
     fused_backward: bool = True,
     virtual_batch_size: int | None = None,
     accumulation_steps: int | None = None,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, S]:
     """Batch normalization with explicit running statistics.
 
     Math (per feature c, over every axis of x except ``axis``, and over all participants of
@@ -179,7 +181,7 @@ def batch_norm(
 def mean_only_batch_norm(
     x: ArrayLike,
     params: NormParams | None,
-    stats: BatchStats,
+    stats: S,
     *,
     training: bool,
     axis: Axes = -1,
@@ -189,7 +191,8 @@ def mean_only_batch_norm(
     activation: Activation | None = None,
     axis_index_groups: collective.Groups | None = None,
     debias: bool = True,
-) -> tuple[jax.Array, BatchStats]:
+    accumulation_steps: int | None = None,
+) -> tuple[jax.Array, S]:
     """Mean-only batch normalization: subtract the batch mean, do not divide (σ = 1).
 
     Math (per feature, over the same axes, devices and mask as ``batch_norm``):
@@ -210,7 +213,8 @@ def mean_only_batch_norm(
         ``init_params(C, use_scale=False)`` (g lives in the weight norm).
       stats: ``BatchStats`` of the feature shape.
       training: Python bool.
-      axis, momentum, axis_name, mask, activation, axis_index_groups, debias: as ``batch_norm``.
+      axis, momentum, axis_name, mask, activation, axis_index_groups, debias, accumulation_steps:
+        as ``batch_norm``.
 
     Returns:
       ``(y, new_stats)``: y of x's shape and dtype; ``new_stats`` like ``stats``.
@@ -243,13 +247,14 @@ def mean_only_batch_norm(
         unbiased_running_var=False,
         mean_only=True,
         fused_backward=False,
+        accumulation_steps=accumulation_steps,
     )
 
 
 def _batch_norm(
     x: ArrayLike,
     params: NormParams | None,
-    stats: BatchStats,
+    stats: Any,
     *,
     training: bool,
     axis: Axes,
@@ -266,7 +271,7 @@ def _batch_norm(
     renorm: tuple[Any, Any] | None = None,
     virtual_batch_size: int | None = None,
     accumulation_steps: int | None = None,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, Any]:
     """batch_norm, mean_only_batch_norm and batch_renorm (``renorm=(r_max, d_max)``): validate,
     batch (or stored) statistics, transform, update. ``virtual_batch_size``: ghost batch norm."""
     method = "mean_only_batch_norm" if mean_only else "batch_norm"
@@ -404,7 +409,7 @@ def _renorm_affine(x, scale, bias, stats, renorm, reduce, eps, mask, axis_name, 
 def batch_renorm(
     x: ArrayLike,
     params: NormParams | None,
-    stats: BatchStats,
+    stats: S,
     *,
     training: bool,
     r_max: float = 3.0,
@@ -419,7 +424,8 @@ def batch_renorm(
     debias: bool = True,
     unbiased_running_var: bool = False,
     fused_backward: bool = True,
-) -> tuple[jax.Array, BatchStats]:
+    accumulation_steps: int | None = None,
+) -> tuple[jax.Array, S]:
     """Batch renormalization: batch norm whose training output is corrected toward the running
     statistics, so training and inference compute nearly the same function.
 
@@ -439,7 +445,8 @@ def batch_renorm(
 
     Args:
       x, params, stats, training, axis, momentum, eps, axis_name, mask, activation,
-        axis_index_groups, debias, unbiased_running_var, fused_backward: as ``batch_norm``.
+        axis_index_groups, debias, unbiased_running_var, fused_backward, accumulation_steps: as
+        ``batch_norm`` (under accumulation, r and d come from the statistics of the last update).
       r_max: the bound on r, ≥ 1 (the paper's final value 3).
       d_max: the bound on |d|, ≥ 0 (the paper's final value 5).
 
@@ -477,6 +484,7 @@ def batch_renorm(
         mean_only=False,
         fused_backward=fused_backward,
         renorm=(r_max, d_max),
+        accumulation_steps=accumulation_steps,
     )
 
 

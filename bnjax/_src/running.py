@@ -24,14 +24,14 @@ update is bad) to none, and count only the batches applied.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax._src.statistics import Moments, merge
+from bnjax._src.statistics import Moments, empty_moments, pool
 from bnjax._src.validation import check_int, features_arg, stats_dtype_ok
 
 
@@ -86,9 +86,17 @@ class AccumulatingStats(NamedTuple):
         return self.stats.skipped
 
 
+@overload
+def init_stats(features: int | tuple[int, ...], *, dtype: Any = ..., accumulation_steps: None = None) -> BatchStats: ...
+
+
+@overload
+def init_stats(features: int | tuple[int, ...], *, dtype: Any = ..., accumulation_steps: int) -> AccumulatingStats: ...
+
+
 def init_stats(
     features: int | tuple[int, ...], *, dtype: Any = jnp.float32, accumulation_steps: int | None = None
-) -> BatchStats:
+) -> BatchStats | AccumulatingStats:
     """Fresh running statistics: mean 0, var 1, count 0, skipped 0.
 
     Args:
@@ -126,12 +134,7 @@ def init_stats(
     if accumulation_steps is None:
         return stats
     k = check_int(accumulation_steps, "accumulation_steps", 1, ": the number of micro-batches per update")
-    return AccumulatingStats(stats, empty_moments(shape, dtype), jnp.zeros((k,), jnp.int32))  # type: ignore[return-value]
-
-
-def empty_moments(shape: tuple[int, ...], dtype: Any = jnp.float32) -> Moments:
-    zero = jnp.zeros(shape, dtype)
-    return Moments(zero, zero, zero, zero)
+    return AccumulatingStats(stats, empty_moments(shape, dtype), jnp.zeros((k,), jnp.int32))
 
 
 def check_accumulation(stats: Any, accumulation_steps: Any) -> int | None:
@@ -165,7 +168,7 @@ def accumulate(acc: AccumulatingStats, batch: Moments, k: int, **update_kwargs: 
     acc = jax.tree.map(lax.stop_gradient, acc)
     batch = jax.tree.map(lax.stop_gradient, batch)
     pending = jax.tree.map(lambda p, b: p.astype(b.dtype), acc.pending, batch)
-    pooled = merge(jax.tree.map(lambda p, b: jnp.stack([p, b]), pending, batch))
+    pooled = pool(pending, batch)
     seen = jnp.sum(acc.phase)
     done = seen + 1 >= k
     updated = update(acc.stats, pooled, **update_kwargs)

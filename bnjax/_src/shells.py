@@ -14,8 +14,7 @@ import jax.numpy as jnp
 
 from bnjax._src import methods, statistics, weights
 from bnjax._src.params import NormParams
-from bnjax._src.running import BatchStats
-from bnjax._src.validation import canonical_axes, check_mask
+from bnjax._src.validation import canonical_axes, check_int, check_mask
 
 
 def tracks_updates(cfg: Any) -> bool:
@@ -51,6 +50,24 @@ def frozen(params: NormParams, use_running_average: bool | None) -> NormParams:
     return NormParams(*(None if p is None else jax.lax.stop_gradient(p) for p in params))
 
 
+PENDING = ("pending_count", "pending_shift", "pending_offset", "pending_m2")  # batch_stats names under accumulation
+
+
+def accumulation_steps(cfg: Any) -> int | None:
+    """A BatchNorm shell's ``accumulation_steps`` k, checked (its state holds the pending
+    micro-batches' moments under ``PENDING`` and a ``phase`` vector of length k)."""
+    if cfg.accumulation_steps is None:
+        return None
+    hint = ": the number of micro-batches per update"
+    k = check_int(cfg.accumulation_steps, "BatchNorm(accumulation_steps)", 1, hint)
+    if cfg.frozen:
+        raise ValueError(
+            f"BatchNorm(frozen=True, accumulation_steps={k}): a frozen layer never updates its statistics, "
+            "so there is nothing to accumulate; drop accumulation_steps (or frozen)."
+        )
+    return k
+
+
 def promote(cfg: Any, x: Any, params: NormParams, extra: tuple = ()) -> tuple[jax.Array, NormParams, Any]:
     """Flax's dtype rule: the output dtype is ``cfg.dtype``, or else the promotion of x's and the
     parameters' dtypes (bf16 x with float32 g, b gives float32 y, as Flax).
@@ -80,12 +97,12 @@ def batch_norm(
     cfg: Any,
     x: jax.Array,
     params: NormParams,
-    stats: BatchStats,
+    stats: Any,
     training: bool,
     mask: Any,
     initializing: bool = False,
     renorm: tuple[Any, Any] | None = None,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, Any]:
     """``initializing``: variables are being created, usually outside the transform that binds
     ``axis_name``. As Flax, nothing is reduced across devices and nothing is stored then; in
     training mode x is normalized by its own (local) batch statistics, as it will be in training,
@@ -107,6 +124,7 @@ def batch_norm(
         mask=mask,
         activation=cfg.activation,
         debias=cfg.debias,
+        accumulation_steps=cfg.accumulation_steps,
     )
     if cfg.mean_only:
         if cfg.virtual_batch_size is not None:
@@ -348,13 +366,6 @@ def input_moments(cfg: Any, x: Any, mask: Any) -> statistics.Moments:
         jax.lax.stop_gradient(x), tuple(a for a in range(x.ndim) if a not in feat), check_mask(mask, x)
     )
     return statistics.Moments(*(v.reshape(shape) for v in m))
-
-
-def pool(total: statistics.Moments | None, part: statistics.Moments) -> statistics.Moments:
-    """Exact union of two sets of moments (count-weighted, ``statistics.merge``)."""
-    if total is None:
-        return part
-    return statistics.merge(statistics.Moments(*(jnp.stack([a, b]) for a, b in zip(total, part, strict=True))))
 
 
 def progress(iterable: Any, enabled: bool, desc: str) -> Any:

@@ -40,7 +40,7 @@ keep the merge just as stable.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +246,21 @@ def merge(parts: Moments, include: jax.Array | None = None) -> Moments:
     m2_total = jnp.sum(m2, axis=0) + jnp.sum(n * centered * centered, axis=0)
     valid = total > 0
     return Moments(total[0], jnp.where(valid, shift_r, zero)[0], jnp.where(valid, offset_r + d_bar, zero)[0], m2_total)
+
+
+def empty_moments(shape: tuple[int, ...], dtype: Any = jnp.float32) -> Moments:
+    """The moments of no element (count 0), of the given per-statistic shape: the unit of ``pool``."""
+    zero = jnp.zeros(shape, dtype)
+    return Moments(zero, zero, zero, zero)
+
+
+def pool(total: Moments | None, part: Moments) -> Moments:
+    """The exact union of two sets of moments of the same shape (``merge`` of the two; ``None``:
+    nothing yet, giving ``part``). Used to pool micro-batches (gradient accumulation) and batches
+    (precise statistics)."""
+    if total is None:
+        return part
+    return merge(Moments(*(jnp.stack([a, b]) for a, b in zip(total, part, strict=True))))
 
 
 def global_moments(
