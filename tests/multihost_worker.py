@@ -5,7 +5,8 @@
 Builds the global batch on a mesh that spans both processes, runs batch norm forward+backward
 with sync statistics (shard_map with ``axis_name``, and plain jit over the sharded array), and
 compares outputs, input and parameter gradients and running statistics with the single-process
-full-batch result. Prints one JSON line with the largest errors and exits non-zero on mismatch.
+full-batch result, and precise_batch_stats over batches sharded across both processes against
+float64 population statistics. Prints one JSON line with the largest errors and exits non-zero on mismatch.
 """
 
 from __future__ import annotations
@@ -78,7 +79,26 @@ def main(process_id: int, port: int) -> int:
     # --- plain jit over the sharded global batch, no axis_name
     results["sharded_jit"] = grad_full(gx_, gw, gm, params)
 
-    report, ok = {"process": process_id}, True
+    # --- precise_batch_stats over batches sharded across both processes: population statistics
+    import flax.linen as nn
+
+    import bnjax.linen
+
+    model = nn.Sequential([bnjax.linen.BatchNorm(use_running_average=False)])
+    flat = [(rng.standard_normal((8 * per_device, c)) * (1 + i) + 3 * i).astype(np.float32) for i in range(2)]
+    variables = model.init(jax.random.key(0), flat[0][:2])
+    precise = bnjax.linen.precise_batch_stats(model, variables, [global_array(b) for b in flat], progress=False)
+    population = np.concatenate(flat).astype(np.float64)
+    stored = precise["batch_stats"]["layers_0"]
+    assert all(v.is_fully_replicated for v in stored.values()), {k: v.sharding for k, v in stored.items()}
+    got = {k: np.asarray(v.addressable_data(0)) for k, v in stored.items()}
+    precise_err = {
+        "mean": float(np.abs(got["mean"] - population.mean(0)).max()),
+        "var_rel": float(np.abs(got["var"] / population.var(0) - 1).max()),
+    }
+
+    report, ok = {"process": process_id, "precise": precise_err}, True
+    ok &= precise_err["mean"] <= 1e-5 and precise_err["var_rel"] <= 1e-5
     valid = np.broadcast_to(mask, x.shape)
     for mode, ((gx, gp), (y, new)) in results.items():
         y_full = np.asarray(multihost_utils.process_allgather(y, tiled=True))

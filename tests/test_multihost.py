@@ -1,4 +1,5 @@
-"""Sync batch norm across 2 processes × 4 CPU devices with gloo collectives on 127.0.0.1."""
+"""Sync batch norm and precise_batch_stats across 2 processes × 4 CPU devices with gloo collectives
+on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -49,3 +50,4 @@ def test_two_processes_match_single_process_full_batch():
         assert report["ok"], report
         for mode in ("shard_map", "sharded_jit"):
             assert report[mode]["var_f64"] <= 1e-5
+        assert report["precise"]["var_rel"] <= 1e-5  # precise_batch_stats over both processes

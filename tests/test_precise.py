@@ -86,3 +86,35 @@ def test_nnx_precise_batch_stats_in_place_and_the_mode_restored():
         np.testing.assert_allclose(getattr(model, name).mean[...], want["batch_stats"][name]["mean"], rtol=1e-6)
         np.testing.assert_allclose(getattr(model, name).var[...], want["batch_stats"][name]["var"], rtol=1e-6)
     assert model.bn1._precise_capture is None and "_precise_capture" not in vars(model.bn1)
+
+
+def test_precise_batch_stats_over_batches_sharded_across_devices():
+    # batches sharded over the 8 CPU devices (jit over sharded arrays): the moments are global,
+    # the same as on one device and as float64 statistics of the layers' inputs
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    shard = NamedSharding(mesh, PartitionSpec("data"))
+    batches = [jax.random.normal(jax.random.key(i), (n, 3)) + 2.0 * i for i, n in enumerate((16, 8, 24))]
+    sharded = [jax.device_put(b, shard) for b in batches]
+    assert len(sharded[0].sharding.device_set) == len(jax.devices()) > 1
+    net = Net()
+    v = net.init(jax.random.key(0), jnp.ones((2, 3)))
+    got = bnjax.linen.precise_batch_stats(net, v, sharded, progress=False, train=True)
+    local = bnjax.linen.precise_batch_stats(net, v, batches, progress=False, train=True)
+    inputs = [_layer_inputs(v["params"], b) for b in batches]
+    for i, name in enumerate(("bn1", "bn2")):
+        pop = np.concatenate([inp[i] for inp in inputs])
+        for stats in (got, local):
+            np.testing.assert_allclose(stats["batch_stats"][name]["mean"], pop.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats["batch_stats"][name]["var"], pop.var(0), rtol=1e-5, atol=1e-6)
+    model = NnxNet(nnx.Rngs(0))
+    for ours, theirs in (("dense0", "Dense_0"), ("dense1", "Dense_1")):
+        getattr(model, ours).kernel[...] = v["params"][theirs]["kernel"]
+        getattr(model, ours).bias[...] = v["params"][theirs]["bias"]
+    bnjax.nnx.precise_batch_stats(model, sharded, progress=False)
+    for name in ("bn1", "bn2"):
+        np.testing.assert_allclose(getattr(model, name).var[...], local["batch_stats"][name]["var"], rtol=1e-5)
+        np.testing.assert_allclose(
+            getattr(model, name).mean[...], local["batch_stats"][name]["mean"], rtol=1e-5, atol=1e-6
+        )
