@@ -4,6 +4,7 @@ Every method is an instance of h = f(g · (x − μ)/√(σ² + ε) + b); they d
 σ² come from. See README.md for the conventions.
 """
 
+from bnjax._src.folding import fold_batch_norm as fold_batch_norm
 from bnjax._src.methods import add_layer_norm as add_layer_norm
 from bnjax._src.methods import add_rms_norm as add_rms_norm
 from bnjax._src.methods import batch_norm as batch_norm
@@ -43,6 +44,7 @@ __all__ = [
     "cosine_norm",
     "cosine_norm_conv",
     "dyt",
+    "fold_batch_norm",
     "group_norm",
     "init_params",
     "init_stats",

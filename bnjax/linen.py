@@ -18,14 +18,14 @@ one, at the cost of the fast one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import shells, statistics, weights
+from bnjax._src import folding, shells, statistics, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import AccumulatingStats, BatchStats
 
@@ -540,6 +540,179 @@ def precise_batch_stats(
     return flax.traverse_util.unflatten_dict(new)
 
 
+class FoldedModel(NamedTuple):
+    """The result of ``fold_batch_norms``: ``apply(variables, *args, **kwargs)`` runs the model
+    with every folded batch norm removed; ``variables`` are the folded ones; ``pairs`` maps each
+    folded batch norm's path to the path of the layer it was folded into; ``kept`` maps each
+    batch norm left as it was to the reason."""
+
+    apply: Callable[..., Any]
+    variables: Any
+    pairs: dict[str, str]
+    kept: dict[str, str]
+
+
+_FOLDABLE_BN = (BatchNorm, nn.BatchNorm)
+
+
+def _path(module: nn.Module) -> tuple[str, ...]:
+    return tuple(module.scope.path) if module.scope is not None else ()
+
+
+def fold_batch_norms(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> FoldedModel:
+    """Folds every evaluation-mode batch norm that directly follows a ``Dense`` or ``Conv`` into it.
+
+    Math: per pair, ``bnjax.fold_batch_norm``: BN(W∗x + c) = (s·W)∗x + (s·(c − μ) + b),
+    s = g/√(σ² + ε); the folded model computes the same function as the model in evaluation
+    mode, up to float32 rounding, with one layer fewer per pair.
+
+    The pairs are found by tracing ``model.apply(variables, *args, **kwargs)`` (pass what puts the
+    model in evaluation mode, e.g. ``train=False``): a ``bnjax.linen.BatchNorm`` (``BatchRenorm``
+    too) or ``flax.linen.BatchNorm`` is folded into a ``flax.linen.Dense`` or ``Conv`` when its
+    input is that layer's output, that output feeds nothing else (proved on the traced
+    computation), each is called once, the features are on the last axis, and the batch norm is
+    in evaluation mode. Every other batch norm is kept as it is, with the reason in ``kept``
+    (e.g. a residual that reads the conv output too, a batch norm in training mode,
+    ``ConditionalBatchNorm``, ``mean_only``). A batch norm's ``activation`` stays in place of the
+    batch norm. A layer without a bias gets one: ``bias`` in its ``params``, added after the call.
+
+    Returns a ``FoldedModel``: call ``folded.apply(folded.variables, *args, **kwargs)``; the folded
+    batch norms' variables are gone from ``folded.variables``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax.linen
+      >>> model = nn.Sequential([nn.Dense(4, use_bias=False), bnjax.linen.BatchNorm(use_running_average=True)])
+      >>> x = jnp.ones((2, 3))
+      >>> v = model.init(jax.random.key(0), x)
+      >>> folded = bnjax.linen.fold_batch_norms(model, v, x)
+      >>> folded.pairs
+      {'layers_1': 'layers_0'}
+      >>> bool(jnp.allclose(folded.apply(folded.variables, x), model.apply(v, x), atol=1e-5))
+      True
+
+    References:
+      Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+      Integer-Arithmetic-Only Inference", §3.2 (batch normalization folding).
+    """
+    calls: dict[tuple[str, ...], int] = {}
+    layers: dict[int, tuple[tuple[str, ...], nn.Module, Any]] = {}  # id(output) -> (path, layer, output)
+    found: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, Any]] = []  # (bn, layer, bn module, z)
+    kept: dict[tuple[str, ...], str] = {}
+
+    def spy(next_fun: Any, a: tuple, kw: dict, ctx: Any) -> Any:
+        if ctx.method_name != "__call__":
+            return next_fun(*a, **kw)
+        m, path = ctx.module, _path(ctx.module)
+        calls[path] = calls.get(path, 0) + 1
+        if isinstance(m, _FOLDABLE_BN):
+            source = layers.get(id(a[0])) if a else None
+            reason = _unfoldable(m, a, kw, source)
+            if reason:
+                kept[path] = reason
+            else:
+                assert source is not None
+                found.append((path, source[0], m, a[0]))
+        out = next_fun(*a, **kw)
+        if type(m) in (nn.Dense, nn.Conv):
+            layers[id(out)] = (path, m, out)
+        return out
+
+    def trace() -> Any:
+        with nn.intercept_methods(spy):
+            return model.apply(variables, *args, **kwargs)
+
+    jax.make_jaxpr(trace)()
+    pairs = []
+    for bn_path, layer_path, bn, z in found:
+        if calls[bn_path] > 1 or calls[layer_path] > 1:
+            kept[bn_path] = "the batch norm or the layer before it is called more than once"
+        else:
+            pairs.append((bn_path, layer_path, bn, jax.ShapeDtypeStruct(z.shape, z.dtype)))
+    # the layer's output must feed nothing but the batch norm: add a probe e to the output the
+    # rest of the model sees, give the batch norm the unprobed output, and check that the traced
+    # model does not use e
+    by_layer = {layer_path: k for k, (_, layer_path, _, _) in enumerate(pairs)}
+    by_bn = {bn_path: k for k, (bn_path, _, _, _) in enumerate(pairs)}
+
+    def probed(probes: list[Any]) -> Any:
+        clean: dict[int, Any] = {}
+
+        def spy2(next_fun: Any, a: tuple, kw: dict, ctx: Any) -> Any:
+            path = _path(ctx.module)
+            if ctx.method_name == "__call__" and path in by_bn:
+                return next_fun(clean[by_bn[path]], *a[1:], **kw)
+            out = next_fun(*a, **kw)
+            if ctx.method_name == "__call__" and path in by_layer:
+                k = by_layer[path]
+                clean[k] = out
+                return out + probes[k]
+            return out
+
+        with nn.intercept_methods(spy2):
+            return model.apply(variables, *args, **kwargs)
+
+    used = folding.used_inputs(jax.make_jaxpr(probed)([p[3] for p in pairs])) if pairs else []
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+    done: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for (bn_path, layer_path, bn, _), other_use in zip(pairs, used, strict=True):
+        if other_use:
+            kept[bn_path] = f"the output of {'/'.join(layer_path)} is also used elsewhere (e.g. a residual)"
+            continue
+        get = lambda col, path, name: flat.get((col, *path, name))  # noqa: E731
+        params = NormParams(get("params", bn_path, "scale"), get("params", bn_path, "bias"))
+        stats = {"mean": get("batch_stats", bn_path, "mean"), "var": get("batch_stats", bn_path, "var")}
+        kernel, bias = folding.fold_batch_norm(
+            get("params", layer_path, "kernel"), get("params", layer_path, "bias"), params, stats, eps=bn.epsilon
+        )
+        flat[("params", *layer_path, "kernel")], flat[("params", *layer_path, "bias")] = kernel, bias
+        for key in [k for k in flat if k[1 : 1 + len(bn_path)] == bn_path and len(k) == len(bn_path) + 2]:
+            del flat[key]
+        done[bn_path] = layer_path
+    folded_vars = flax.traverse_util.unflatten_dict(flat)
+
+    def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        def without_bn(next_fun: Any, a: tuple, kw: dict, ctx: Any) -> Any:
+            path = _path(ctx.module)
+            if ctx.method_name == "__call__" and path in done:
+                f = getattr(ctx.module, "activation", None)
+                return a[0] if f is None else f(a[0])
+            out = next_fun(*a, **kw)
+            if ctx.method_name == "__call__" and path in layer_paths and not ctx.module.use_bias:
+                bias = ctx.module.get_variable("params", "bias").astype(out.dtype)
+                out = out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
+            return out
+
+        with nn.intercept_methods(without_bn):
+            return model.apply(variables, *args, **kwargs)
+
+    layer_paths = set(done.values())
+    return FoldedModel(
+        apply,
+        folded_vars,
+        {"/".join(b): "/".join(layer) for b, layer in done.items()},
+        {"/".join(b): r for b, r in kept.items()},
+    )
+
+
+def _unfoldable(m: nn.Module, a: tuple, kw: dict, source: Any) -> str:
+    """Why the batch norm ``m`` (called with ``a``, ``kw``) cannot be folded; '' if it can."""
+    if isinstance(m, ConditionalBatchNorm):
+        return "ConditionalBatchNorm: its scale and bias depend on the example"
+    if getattr(m, "mean_only", False):
+        return "mean_only batch norm"
+    call = kw.get("use_running_average", a[1] if len(a) > 1 else None)
+    use_ra = True if getattr(m, "frozen", False) else (call if call is not None else m.use_running_average)
+    if use_ra is not True:
+        return "in training mode (batch statistics): pass what selects evaluation mode"
+    if source is None:
+        return "its input is not the output of a Dense or Conv"
+    x = a[0]
+    axis = m.axis if isinstance(m.axis, int) else (m.axis[0] if len(m.axis) == 1 else None)
+    if axis is None or axis % x.ndim != x.ndim - 1:
+        return f"its features are not on the last axis (axis={m.axis!r})"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics from the weights
 
@@ -918,6 +1091,7 @@ __all__ = [
     "CosineConv",
     "CosineDense",
     "DyT",
+    "FoldedModel",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -926,5 +1100,6 @@ __all__ = [
     "StandardizedConv",
     "WeightNorm",
     "WeightStandardization",
+    "fold_batch_norms",
     "precise_batch_stats",
 ]
