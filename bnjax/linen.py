@@ -594,70 +594,26 @@ def fold_batch_norms(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
       Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
       Integer-Arithmetic-Only Inference", §3.2 (batch normalization folding).
     """
-    calls: dict[tuple[str, ...], int] = {}
-    layers: dict[int, tuple[tuple[str, ...], nn.Module, Any]] = {}  # id(output) -> (path, layer, output)
-    found: list[tuple[tuple[str, ...], tuple[str, ...], nn.Module, Any]] = []  # (bn, layer, bn module, z)
-    kept: dict[tuple[str, ...], str] = {}
 
-    def spy(next_fun: Any, a: tuple, kw: dict, ctx: Any) -> Any:
-        if ctx.method_name != "__call__":
-            return next_fun(*a, **kw)
-        m, path = ctx.module, _path(ctx.module)
-        calls[path] = calls.get(path, 0) + 1
+    def run(hook: folding.Hook) -> Any:
+        def intercept(call: Any, a: tuple, kw: dict, ctx: Any) -> Any:
+            if ctx.method_name != "__call__":
+                return call(*a, **kw)
+            return hook("/".join(_path(ctx.module)), ctx.module, call, a, kw)
+
+        with nn.intercept_methods(intercept):
+            return model.apply(variables, *args, **kwargs)
+
+    def kind(m: nn.Module) -> str | None:
         if isinstance(m, _FOLDABLE_BN):
-            source = layers.get(id(a[0])) if a else None
-            reason = _unfoldable(m, a, kw, source)
-            if reason:
-                kept[path] = reason
-            else:
-                assert source is not None
-                found.append((path, source[0], m, a[0]))
-        out = next_fun(*a, **kw)
-        if type(m) in (nn.Dense, nn.Conv):
-            layers[id(out)] = (path, m, out)
-        return out
+            return "bn"
+        return "layer" if type(m) in (nn.Dense, nn.Conv) else None
 
-    def trace() -> Any:
-        with nn.intercept_methods(spy):
-            return model.apply(variables, *args, **kwargs)
-
-    jax.make_jaxpr(trace)()
-    pairs = []
-    for bn_path, layer_path, bn, z in found:
-        if calls[bn_path] > 1 or calls[layer_path] > 1:
-            kept[bn_path] = "the batch norm or the layer before it is called more than once"
-        else:
-            pairs.append((bn_path, layer_path, bn, jax.ShapeDtypeStruct(z.shape, z.dtype)))
-    # the layer's output must feed nothing but the batch norm: add a probe e to the output the
-    # rest of the model sees, give the batch norm the unprobed output, and check that the traced
-    # model does not use e
-    by_layer = {layer_path: k for k, (_, layer_path, _, _) in enumerate(pairs)}
-    by_bn = {bn_path: k for k, (bn_path, _, _, _) in enumerate(pairs)}
-
-    def probed(probes: list[Any]) -> Any:
-        clean: dict[int, Any] = {}
-
-        def spy2(next_fun: Any, a: tuple, kw: dict, ctx: Any) -> Any:
-            path = _path(ctx.module)
-            if ctx.method_name == "__call__" and path in by_bn:
-                return next_fun(clean[by_bn[path]], *a[1:], **kw)
-            out = next_fun(*a, **kw)
-            if ctx.method_name == "__call__" and path in by_layer:
-                k = by_layer[path]
-                clean[k] = out
-                return out + probes[k]
-            return out
-
-        with nn.intercept_methods(spy2):
-            return model.apply(variables, *args, **kwargs)
-
-    used = folding.used_inputs(jax.make_jaxpr(probed)([p[3] for p in pairs])) if pairs else []
+    pairs, kept = folding.find_pairs(run, kind, _unfoldable)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
     done: dict[tuple[str, ...], tuple[str, ...]] = {}
-    for (bn_path, layer_path, bn, _), other_use in zip(pairs, used, strict=True):
-        if other_use:
-            kept[bn_path] = f"the output of {'/'.join(layer_path)} is also used elsewhere (e.g. a residual)"
-            continue
+    for bn_key, layer_key, bn in pairs:
+        bn_path, layer_path = tuple(bn_key.split("/")), tuple(layer_key.split("/"))
         get = lambda col, path, name: flat.get((col, *path, name))  # noqa: E731
         params = NormParams(get("params", bn_path, "scale"), get("params", bn_path, "bias"))
         stats = {"mean": get("batch_stats", bn_path, "mean"), "var": get("batch_stats", bn_path, "var")}
@@ -686,31 +642,13 @@ def fold_batch_norms(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
             return model.apply(variables, *args, **kwargs)
 
     layer_paths = set(done.values())
-    return FoldedModel(
-        apply,
-        folded_vars,
-        {"/".join(b): "/".join(layer) for b, layer in done.items()},
-        {"/".join(b): r for b, r in kept.items()},
+    return FoldedModel(apply, folded_vars, {"/".join(b): "/".join(layer) for b, layer in done.items()}, kept)
+
+
+def _unfoldable(m: nn.Module, a: tuple, kw: dict) -> str:
+    return folding.why_kept(
+        m, a, kw, conditional=isinstance(m, ConditionalBatchNorm), mode_hint="pass what selects evaluation mode"
     )
-
-
-def _unfoldable(m: nn.Module, a: tuple, kw: dict, source: Any) -> str:
-    """Why the batch norm ``m`` (called with ``a``, ``kw``) cannot be folded; '' if it can."""
-    if isinstance(m, ConditionalBatchNorm):
-        return "ConditionalBatchNorm: its scale and bias depend on the example"
-    if getattr(m, "mean_only", False):
-        return "mean_only batch norm"
-    call = kw.get("use_running_average", a[1] if len(a) > 1 else None)
-    use_ra = True if getattr(m, "frozen", False) else (call if call is not None else m.use_running_average)
-    if use_ra is not True:
-        return "in training mode (batch statistics): pass what selects evaluation mode"
-    if source is None:
-        return "its input is not the output of a Dense or Conv"
-    x = a[0]
-    axis = m.axis if isinstance(m.axis, int) else (m.axis[0] if len(m.axis) == 1 else None)
-    if axis is None or axis % x.ndim != x.ndim - 1:
-        return f"its features are not on the last axis (axis={m.axis!r})"
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------

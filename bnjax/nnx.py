@@ -13,15 +13,18 @@ parameters' dtypes, as Flax.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax._src import shells, statistics, weights
+from bnjax._src import folding, shells, statistics, weights
 from bnjax._src.params import NormParams
 from bnjax._src.running import AccumulatingStats, BatchStats
 
@@ -720,6 +723,136 @@ def precise_batch_stats(model: nnx.Module, batches: Iterable[Any], *, progress: 
     return model
 
 
+class FoldedModel(NamedTuple):
+    """The result of ``fold_batch_norms``: the folded ``model`` (a copy); ``pairs`` maps each
+    folded batch norm's path to the path of the layer it was folded into; ``kept`` maps each
+    batch norm left as it was to the reason."""
+
+    model: nnx.Module
+    pairs: dict[str, str]
+    kept: dict[str, str]
+
+
+class Folded(nnx.Module):
+    """What a folded batch norm becomes: its ``activation`` (or the identity)."""
+
+    def __init__(self, activation: Callable[[jax.Array], jax.Array] | None = None):
+        self.activation = activation
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        return x if self.activation is None else self.activation(x)
+
+
+_ROUTE: contextvars.ContextVar[Any] = contextvars.ContextVar("bnjax_nnx_route", default=None)
+_ROUTING: dict[type, type] = {}
+
+
+def _routing_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` goes through the active route (``_routed``)."""
+    if cls not in _ROUTING:
+
+        def __call__(self: Any, *a: Any, **kw: Any) -> Any:
+            hook, keys = _ROUTE.get()
+            return hook(keys[id(self)], self, functools.partial(cls.__call__, self), a, kw)
+
+        namespace = {"__call__": __call__, "__module__": cls.__module__, "_bnjax_routed": cls}
+        _ROUTING[cls] = type(cls)(cls.__name__, (cls,), namespace)
+    return _ROUTING[cls]
+
+
+def _module_paths(model: nnx.Module) -> dict[str, nnx.Module]:
+    return {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+
+
+@contextlib.contextmanager
+def _routed(model: nnx.Module, hook: Any) -> Iterator[None]:
+    """Routes every module call of ``model`` through ``hook(path, module, call, args, kwargs)``."""
+    modules = _module_paths(model)
+    classes = {path: type(m) for path, m in modules.items()}
+    token = _ROUTE.set((hook, {id(m): path for path, m in modules.items()}))
+    try:
+        for path, m in modules.items():
+            object.__setattr__(m, "__class__", _routing_class(classes[path]))
+        yield
+    finally:
+        for path, m in modules.items():
+            object.__setattr__(m, "__class__", classes[path])
+        _ROUTE.reset(token)
+
+
+def fold_batch_norms(model: nnx.Module, *args: Any, **kwargs: Any) -> FoldedModel:
+    """Folds every evaluation-mode batch norm that directly follows an ``nnx.Linear`` or
+    ``nnx.Conv`` into it; see ``bnjax.linen.fold_batch_norms`` for the math and the rules.
+
+    The pairs are found by calling copies of the model on ``*args, **kwargs`` (put it in
+    evaluation mode first: ``model.eval()``); ``model`` itself is left unchanged. In the returned
+    copy each folded batch norm (``bnjax.nnx.BatchNorm``, ``BatchRenorm``, or
+    ``flax.nnx.BatchNorm``) is replaced by a ``Folded`` module (its activation, or the identity),
+    and the layer before it holds the folded kernel and bias (a layer without a bias gets one).
+
+    Example:
+      >>> import jax.numpy as jnp, bnjax.nnx
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, use_bias=False, rngs=nnx.Rngs(0)),
+      ...                        bnjax.nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> model.eval()
+      >>> x = jnp.ones((2, 3))
+      >>> folded = bnjax.nnx.fold_batch_norms(model, x)
+      >>> folded.pairs, type(folded.model.layers[1]).__name__
+      ({'layers/1': 'layers/0'}, 'Folded')
+      >>> bool(jnp.allclose(folded.model(x), model(x), atol=1e-5))
+      True
+
+    References:
+      Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+      Integer-Arithmetic-Only Inference", §3.2 (batch normalization folding).
+    """
+
+    def run(hook: folding.Hook) -> Any:
+        copy = nnx.clone(model)  # a call in training mode updates statistics: never the model's
+        with _routed(copy, hook):
+            return copy(*args, **kwargs)
+
+    def kind(m: nnx.Module) -> str | None:
+        if isinstance(m, (BatchNorm, nnx.BatchNorm)):
+            return "bn"
+        cls = getattr(type(m), "_bnjax_routed", type(m))  # the class under the routing one
+        return "layer" if issubclass(cls, (nnx.Linear, nnx.Conv)) and cls.__call__ in _PLAIN_CALLS else None
+
+    pairs, kept = folding.find_pairs(run, kind, _unfoldable)
+    out = nnx.clone(model)
+    modules: dict[str, Any] = _module_paths(out)
+    done = {}
+    for bn_key, layer_key, _ in pairs:
+        bn, layer = modules[bn_key], modules[layer_key]
+        params = NormParams(_value(bn.scale), _value(bn.bias))
+        stats = {"mean": bn.mean[...], "var": bn.var[...]}
+        kernel, bias = folding.fold_batch_norm(layer.kernel[...], _value(layer.bias), params, stats, eps=bn.epsilon)
+        layer.kernel[...] = kernel
+        if layer.bias is None:
+            layer.bias, layer.use_bias = nnx.Param(bias.astype(layer.param_dtype)), True
+        else:
+            layer.bias[...] = bias.astype(layer.bias[...].dtype)
+        *parent_path, last = bn_key.split("/")
+        parent = modules["/".join(parent_path)]
+        replacement = Folded(getattr(bn, "activation", None))
+        if last.isdigit() and not hasattr(parent, last):
+            parent[int(last)] = replacement
+        else:
+            setattr(parent, last, replacement)
+        done[bn_key] = layer_key
+    return FoldedModel(out, done, kept)
+
+
+_PLAIN_CALLS = (nnx.Linear.__call__, nnx.Conv.__call__)
+
+
+def _unfoldable(m: Any, a: tuple, kw: dict) -> str:
+    return folding.why_kept(
+        m, a, kw, conditional=isinstance(m, ConditionalBatchNorm), mode_hint="call model.eval() first"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics from the weights
 
@@ -1123,6 +1256,8 @@ __all__ = [
     "CosineConv",
     "CosineDense",
     "DyT",
+    "Folded",
+    "FoldedModel",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -1131,5 +1266,6 @@ __all__ = [
     "StandardizedConv",
     "WeightNorm",
     "WeightStandardization",
+    "fold_batch_norms",
     "precise_batch_stats",
 ]

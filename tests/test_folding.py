@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import bnjax
 import bnjax.linen
+import bnjax.nnx
 
 torch = pytest.importorskip("torch")
 
@@ -177,7 +179,7 @@ def test_fold_batch_norms_linen_folds_the_adjacent_pairs_and_keeps_the_logits():
     v = _trained_variables(net, x)
     folded = bnjax.linen.fold_batch_norms(net, v, x)
     assert folded.pairs == {"bn1": "conv1", "bn_flax": "dw", "bn_dense": "dense"}
-    assert "also used elsewhere" in folded.kept["bn_res"]
+    assert "also read elsewhere" in folded.kept["bn_res"]
     assert "not the output of a Dense or Conv" in folded.kept["bn_after_relu"]
     for name in folded.pairs:
         assert name not in folded.variables["params"] and name not in folded.variables["batch_stats"]
@@ -220,3 +222,50 @@ def test_fold_batch_norms_shared_layer_is_kept():
     v = Shared().init(jax.random.key(0), x)
     folded = bnjax.linen.fold_batch_norms(Shared(), v, x)
     assert folded.pairs == {} and "more than once" in folded.kept["bn"]
+
+
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = bnjax.nnx.BatchNorm(8, activation=jax.nn.relu, rngs=rngs)
+        self.dw = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+        self.bn_flax = nnx.BatchNorm(8, rngs=rngs)  # Flax's own BatchNorm
+        self.conv3 = nnx.Conv(8, 8, (1, 1), rngs=rngs)
+        self.bn_res = bnjax.nnx.BatchNorm(8, rngs=rngs)
+        self.bn_after_relu = bnjax.nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Sequential(nnx.Linear(8, 5, rngs=rngs), bnjax.nnx.BatchRenorm(5, rngs=rngs))
+
+    def __call__(self, x):
+        h = self.bn_flax(self.dw(self.bn1(self.conv1(x))))
+        z = self.conv3(h)
+        h = self.bn_after_relu(jax.nn.relu(self.bn_res(z) + z))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+def test_fold_batch_norms_nnx_folds_the_adjacent_pairs_and_leaves_the_model_alone():
+    model = _NnxNet(nnx.Rngs(0))
+    for i, (_, var) in enumerate(sorted(nnx.iter_graph(model), key=lambda pv: str(pv[0]))):
+        if isinstance(var, nnx.BatchStat) or (isinstance(var, nnx.Param) and var[...].ndim == 1):
+            r = jax.random.uniform(jax.random.key(i), var[...].shape)
+            var[...] = (r + 0.5) if var[...].dtype == jnp.float32 and i % 2 else r * 2 - 1
+    for _, m in nnx.iter_graph(model):  # variances must stay positive
+        if isinstance(m, (bnjax.nnx.BatchNorm, nnx.BatchNorm)):
+            m.var[...] = jnp.abs(m.var[...]) + 0.2
+    model.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    want = model(x)
+    before = jax.tree.map(jnp.copy, nnx.state(model))
+    folded = bnjax.nnx.fold_batch_norms(model, x)
+    assert folded.pairs == {"bn1": "conv1", "bn_flax": "dw", "head/layers/1": "head/layers/0"}
+    assert "also read elsewhere" in folded.kept["bn_res"]
+    assert "not the output of a Dense or Conv" in folded.kept["bn_after_relu"]
+    assert isinstance(folded.model.bn1, bnjax.nnx.Folded) and isinstance(folded.model.head.layers[1], bnjax.nnx.Folded)
+    assert folded.model.conv1.bias is not None
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(folded.model, x), want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)  # the model itself is unchanged
+    assert isinstance(model.bn1, bnjax.nnx.BatchNorm) and type(model.conv1) is nnx.Conv
+    # training mode: nothing folded, the reason given, the model's statistics untouched
+    model.train()
+    folded = bnjax.nnx.fold_batch_norms(model, x)
+    assert folded.pairs == {} and "call model.eval() first" in folded.kept["bn1"]
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)

@@ -8,7 +8,7 @@ convolutions fold the same way, since each output channel still has its own slic
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -129,3 +129,101 @@ def used_inputs(closed_jaxpr: Any) -> list[bool]:
         if any(v in needed for v in eqn.outvars):
             needed.update(v for v in eqn.invars if not isinstance(v, Literal))
     return [v in needed for v in jaxpr.invars]
+
+
+Hook = Callable[[Any, Any, Callable[..., Any], tuple, dict], Any]
+
+
+def find_pairs(
+    run: Callable[[Hook], Any],
+    kind: Callable[[Any], str | None],
+    unfoldable: Callable[[Any, tuple, dict], str],
+) -> tuple[list[tuple[Any, Any, Any]], dict[Any, str]]:
+    """The batch norms of a model that can be folded into the layer before them (linen and nnx).
+
+    ``run(hook)`` runs the model once with every module call routed through
+    ``hook(key, module, call, args, kwargs)`` (``key``: the module's path; ``call``: the call
+    itself); ``kind(module)`` is ``"bn"``, ``"layer"`` (a Dense or Conv) or None;
+    ``unfoldable(bn, args, kwargs)`` says why a batch norm cannot be folded ('' if it can).
+
+    A pair (batch norm, layer) is folded when the batch norm's input is the layer's output (the
+    same traced value), both are called once, and the rest of the model does not read that
+    output: proved by a second trace in which the rest sees output + e and the batch norm the
+    output itself, and the traced computation does not use e (``used_inputs``).
+
+    Returns ([(bn key, layer key, bn module)], {bn key: why it is kept})."""
+    calls: dict[Any, int] = {}
+    outputs: dict[int, tuple[Any, Any]] = {}  # id(layer output) -> (layer key, the output, kept alive)
+    found: list[tuple[Any, Any, Any, Any]] = []
+    kept: dict[Any, str] = {}
+
+    def spy(key: Any, m: Any, call: Callable[..., Any], a: tuple, kw: dict) -> Any:
+        calls[key] = calls.get(key, 0) + 1
+        k = kind(m)
+        if k == "bn":
+            source = outputs.get(id(a[0])) if a else None
+            reason = unfoldable(m, a, kw)
+            if not reason and source is None:
+                reason = "its input is not the output of a Dense or Conv"
+            if reason:
+                kept[key] = reason
+            else:
+                assert source is not None
+                found.append((key, source[0], m, jax.ShapeDtypeStruct(a[0].shape, a[0].dtype)))
+        out = call(*a, **kw)
+        if k == "layer":
+            outputs[id(out)] = (key, out)
+        return out
+
+    jax.make_jaxpr(lambda: run(spy))()
+    candidates = []
+    for bn, layer, m, shape in found:
+        if calls[bn] > 1 or calls[layer] > 1:
+            kept[bn] = "the batch norm or the layer before it is called more than once"
+        else:
+            candidates.append((bn, layer, m, shape))
+    if not candidates:
+        return [], kept
+    by_layer = {c[1]: i for i, c in enumerate(candidates)}
+    by_bn = {c[0]: i for i, c in enumerate(candidates)}
+
+    def probed(probes: list[Any]) -> Any:
+        clean: dict[int, Any] = {}
+
+        def hook(key: Any, m: Any, call: Callable[..., Any], a: tuple, kw: dict) -> Any:
+            if key in by_bn:
+                return call(clean[by_bn[key]], *a[1:], **kw)
+            out = call(*a, **kw)
+            if key in by_layer:
+                clean[by_layer[key]] = out
+                return out + probes[by_layer[key]]
+            return out
+
+        return run(hook)
+
+    used = used_inputs(jax.make_jaxpr(probed)([c[3] for c in candidates]))
+    pairs = []
+    for (bn, layer, m, _), other_use in zip(candidates, used, strict=True):
+        if other_use:
+            kept[bn] = f"the output of {layer} is also read elsewhere (e.g. by a residual)"
+        else:
+            pairs.append((bn, layer, m))
+    return pairs, kept
+
+
+def why_kept(bn: Any, a: tuple, kw: dict, *, conditional: bool, mode_hint: str) -> str:
+    """Why a batch norm module (linen or nnx, bnjax's or Flax's), called with ``a``, ``kw``,
+    cannot be folded; '' if it can. ``conditional``: a ConditionalBatchNorm."""
+    if conditional:
+        return "ConditionalBatchNorm: its scale and bias depend on the example"
+    if getattr(bn, "mean_only", False):
+        return "mean_only batch norm"
+    call = kw.get("use_running_average", a[1] if len(a) > 1 else None)
+    use_ra = True if getattr(bn, "frozen", False) else (call if call is not None else bn.use_running_average)
+    if use_ra is not True:
+        return f"in training mode (batch statistics): {mode_hint}"
+    ndim = jnp.ndim(a[0])
+    axes = (bn.axis,) if isinstance(bn.axis, int) else tuple(bn.axis)
+    if len(axes) != 1 or axes[0] % ndim != ndim - 1:
+        return f"its features are not on the last axis (axis={bn.axis!r})"
+    return ""
