@@ -38,7 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench import Timed, environment, round_robin, summarize
+from bnbench.report import environment
+from bnbench.timing import Timed, round_robin, summarize
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 

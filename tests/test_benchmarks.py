@@ -38,15 +38,20 @@ def test_bench_quick(tmp_path, capsys):
 
     micro = results["micro"]
     assert {r["mode"] for r in micro} == set(bench.MODES)
+    assert "renorm_train" in bench.MODES
     assert {r["dtype"] for r in micro} == {"float32", "bfloat16"}
     for r in micro:
         names = set(r["contenders"])
-        expected = {"bnjax", "flax.linen", "flax.nnx", "naive jnp", "limit"}
-        expected |= {n for n in ("haiku", "equinox") if n not in skipped}
-        if r["mode"].endswith("train"):
-            expected.add("bnjax (autodiff)")
-        assert expected <= names, (r["mode"], names)
-        assert any(n.startswith("torch") for n in names) == ("torch" not in skipped)
+        if r["layer"] == "renorm":  # only bnjax and the naive jnp version have batch renorm
+            expected = {"bnjax", "bnjax (autodiff)", "bnjax.batch_norm", "naive jnp", "limit"}
+            assert names == expected, (r["mode"], names)
+        else:
+            expected = {"bnjax", "flax.linen", "flax.nnx", "naive jnp", "limit"}
+            expected |= {n for n in ("haiku", "equinox") if n not in skipped}
+            if r["mode"].endswith("train"):
+                expected.add("bnjax (autodiff)")
+            assert expected <= names, (r["mode"], names)
+        assert any(n.startswith("torch") for n in names) == ("torch" not in skipped and r["layer"] != "renorm")
         for entry in r["contenders"].values():
             _positive_timings(entry)
             assert len(entry["times_s"]) == r["repeats"]
