@@ -145,10 +145,11 @@ def from_equinox_batch_norm(bn: Any, state: Any) -> dict[str, dict[str, Any]]:
 
     Conventions: ``weight``/``bias`` (C,) → ``scale``/``bias``; the running statistics → ``mean``/
     ``var``: in ``mode="ema"`` the stored running mean and variance, as Equinox evaluates with
-    them (a layer never trained holds Equinox's initial buffers, mean 0 and var 0); in ``mode="batch"`` the zero-debiased ones Equinox
-    evaluates with, hidden/(1 − momentum^counter). Equinox's ``momentum`` is the weight of the
-    old value, as bnjax's. Evaluation agrees exactly; in training Equinox's ``"ema"`` mode
-    normalizes with the updated running statistics, not the batch's, which no bnjax rule does.
+    them (a layer never trained holds Equinox's initial buffers, mean 0 and var 0); in
+    ``mode="batch"`` the zero-debiased ones Equinox evaluates with, hidden/(1 − momentum^counter).
+    Equinox's ``momentum`` is the weight of the old value, as bnjax's. Evaluation agrees exactly;
+    in training Equinox's ``"ema"`` mode normalizes with the updated running statistics, not the
+    batch's, which no bnjax rule does.
 
     Returns:
       ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}`` (no ``params`` entries
