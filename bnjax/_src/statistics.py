@@ -154,8 +154,10 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
     size = reduced_size(x.shape, axes)
     n = jnp.full(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), size, dtype)
     total = jnp.sum(xc, axis=axes, keepdims=True)
-    low = jnp.min(xc, axis=axes, keepdims=True)
-    high = jnp.max(xc, axis=axes, keepdims=True)
+    # min and max in x's own dtype (exact: converting is monotone), which spares low-precision x
+    # two converts per element in the row loop (about 10 % of a bfloat16 forward pass on CPU)
+    low = jnp.min(x, axis=axes, keepdims=True).astype(dtype)
+    high = jnp.max(x, axis=axes, keepdims=True).astype(dtype)
     # Pass 1: the plain mean, clamped into [min x, max x], used only as the shift K of pass 2: its
     # rounding error costs nothing there. The clamp makes K = x exactly for a constant row and keeps
     # K finite if Σx overflows. It is written with max/min, not a select: XLA on CPU does not fuse
