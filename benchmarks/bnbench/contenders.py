@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 import bnjax
+from bnjax._src import backend
 
 from .timing import Timed, block_none, device_array
 from .workloads import D_MAX, EPS, R_MAX, is_training, stat_axes
@@ -47,7 +48,22 @@ def _dummy(ndim: int, c: int, dtype) -> jax.Array:
     return jnp.zeros((2,) * (ndim - 1) + (c,), dtype)
 
 
-def make_bnjax(kind: str, c: int, ndim: int, dtype, *, fused: bool = True, **_) -> JaxNorm:
+def make_bnjax(kind: str, c: int, ndim: int, dtype, *, fused: bool = True, formulation=None, **_) -> JaxNorm:
+    """bnjax's layer; ``formulation="plain"``: traced with the formulation that backends other than
+    the CPU compile (no CPU-specific spellings, the same numbers), to see what those spellings buy."""
+    norm = _make_bnjax(kind, c, fused)
+    if formulation is None:
+        return norm
+    inner = norm.apply
+
+    def apply(x, params, state, training):
+        with backend.force(formulation):  # active while jit traces the layer
+            return inner(x, params, state, training)
+
+    return dataclasses.replace(norm, apply=apply)
+
+
+def _make_bnjax(kind: str, c: int, fused: bool) -> JaxNorm:
     params = bnjax.init_params(c)
     if kind == "bn":
         stats = bnjax.init_stats(c)
@@ -250,6 +266,8 @@ JAX_CONTENDERS: dict[str, Contender] = {
     "bnjax": Contender(cached(make_bnjax), ("bn", "renorm", "ln")),
     # fused_backward changes only the backward pass
     "bnjax (autodiff)": Contender(cached(make_bnjax, fused=False), ("bn", "renorm", "ln"), training_only=True),
+    # the same numbers with the formulation GPU and TPU compile: what the CPU spellings buy here
+    "bnjax (plain)": Contender(cached(make_bnjax, formulation="plain"), ("bn", "ln")),
     "bnjax.batch_norm": Contender(cached(make_bnjax_batch_norm), ("renorm",)),
     "flax.linen": Contender(cached(make_linen)),
     "flax.nnx": Contender(cached(make_nnx)),

@@ -177,5 +177,10 @@ def match_varying(value: jax.Array, like: jax.Array) -> jax.Array:
     type; the cotangent of a replicated parameter is this device's share (varying), so the
     parameter enters varying and JAX sums the shares when it transposes this cast.
     """
-    missing = tuple(sorted(varying_axes(like) - varying_axes(value)))
+    return match_axes(value, varying_axes(like))
+
+
+def match_axes(value: jax.Array, axes: frozenset[str]) -> jax.Array:
+    """Marks ``value`` as varying over ``axes`` too (a cast, no data; a no-op where it already is)."""
+    missing = tuple(sorted(axes - varying_axes(value)))
     return lax.pcast(value, missing, to="varying") if missing else value

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import collective
+from bnjax._src import backend, collective
 from bnjax._src.validation import Axes, canonical_axes, check_floating, check_mask
 
 
@@ -121,7 +121,7 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     zero = jnp.zeros((), dtype)
     # Two copies of x that XLA may not identify, one per pass: each reduction is a pass of its own,
     # and a float32 convert of low-precision x that both shared would be written out to memory.
-    x1, x2 = lax.optimization_barrier((x, x))
+    x1, x2 = backend.separate(x, x)
     k = _shift(x, axes, mask).astype(dtype)
     n = count(x, axes, mask, dtype)
     if mask is not None:
@@ -139,7 +139,7 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     # reduction read x on its own: XLA writes a broadcast that two reductions share out to memory.
     # Spelled x + (−c): the output is spelled (x − c) − r, and a shared x − c would be written out.
     center, rounding = rounded_mean(k, offset)
-    e = x2.astype(dtype) + (-center)
+    e = backend.minus(x2.astype(dtype), center)
     if mask is not None:
         e = jnp.where(mask, e, zero)
     m2 = jnp.maximum(jnp.sum(e * e, axis=axes, keepdims=True) - n * rounding * rounding, 0)

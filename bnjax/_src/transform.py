@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from bnjax._src import collective, statistics
+from bnjax._src import backend, collective, statistics
 from bnjax._src.statistics import Moments, compute_dtype
 from bnjax._src.validation import check_eps, check_floating
 
@@ -285,7 +285,7 @@ def _row_bwd(axes, center, x, scale, bias, eps, dy):
     # dx and dg each recompute the statistics inside their own loop. Shared, the statistics would
     # be computed once, with several outputs, and split apart; a shared float32 convert of
     # low-precision dy, or a shared broadcast of g, would be written out to memory.
-    x_dx, x_dg, dy_dx, dy_dg, dy_db, scale = lax.optimization_barrier((x, x, dy, dy, dy, scale))
+    x_dx, x_dg, dy_dx, dy_dg, dy_db, scale = backend.separate(x, x, dy, dy, dy, scale)
 
     def normalized(xv):  # x̂ = ((x − K) − δ)/σ, spelled as in the forward pass and statistics
         m = _statistics(xv, None, axes, None, None, center)
@@ -326,8 +326,8 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
     # use gets copies of its own that XLA may not identify with the others or with the forward
     # pass's: XLA merges equal expressions, even equal broadcasts or converts, and then writes the
     # shared one out to memory as a full float32 tensor instead of recomputing it in each loop.
-    (x_sum, c_sum), (x_out, c_out, r_out, inv_out), (x_dg, c_dg, r_dg, inv_dg), copies = lax.optimization_barrier(
-        ((x, c), (x, c, r, inv), (x, c, r, inv), (dy, dy, dy, dy, dy, scale))
+    (x_sum, c_sum), (x_out, c_out, r_out, inv_out), (x_dg, c_dg, r_dg, inv_dg), copies = backend.separate(
+        (x, c), (x, c, r, inv), (x, c, r, inv), (dy, dy, dy, dy, dy, scale)
     )
     dy_sum, dy_raw, dy_out, dy_dg, dy_db, scale_out = copies
 
