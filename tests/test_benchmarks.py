@@ -105,3 +105,13 @@ def test_sequence_bench_quick(tmp_path, capsys):
     assert "skipped" not in sharded, sharded  # the test configuration has 8 devices
     for entry in sharded["train"].values():
         _positive_timings(entry)
+
+
+def test_ln_bound_runs_and_its_formula_is_bnjax(capsys):
+    """The layer-norm ablation runs, and its written-out formula still gives bnjax.layer_norm's
+    output bit for bit (``run`` raises otherwise), in both dtypes and on the rows method."""
+    bound = _load("ln_bound")
+    bound.main(["--shape", "4096,16", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for name in ("  bnjax formula ", "  without the clamp ", "  without the correction ", "  floor (read x, write y) "):
+        assert out.count(name) == 2, name  # float32 and bfloat16
