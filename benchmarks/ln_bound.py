@@ -18,7 +18,8 @@ write y). What each safeguard buys:
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 from collections.abc import Callable
 
 import jax
@@ -26,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bnbench.timing import Timed, round_robin  # benchmarks/ is on the path now
 
 EPS = 1e-5
 
@@ -101,15 +105,7 @@ def run(shape: tuple[int, ...], dtype, rounds: int) -> list[tuple[str, float]]:
     same = np.array_equal(np.asarray(compiled["bnjax.layer_norm"](x)), np.asarray(compiled["bnjax formula"](x)))
     if not same:
         raise AssertionError("the written-out formula no longer matches bnjax.layer_norm: update this script")
-    times: dict[str, list[float]] = {k: [] for k in compiled}
-    for f in compiled.values():
-        jax.block_until_ready(f(x))
-    order = np.random.RandomState(1)
-    for _ in range(rounds):
-        for k in order.permutation(list(compiled)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[k](x))
-            times[k].append(time.perf_counter() - t0)
+    times = round_robin({k: Timed(f, lambda: (x,)) for k, f in compiled.items()}, rounds)
     return [(k, float(np.median(v)) * 1e3) for k, v in times.items()]
 
 
