@@ -1,9 +1,11 @@
 """The backend switch (bnjax/_src/backend.py): XLA:CPU's spellings and the plain formulation that
 every other backend compiles give the same numbers (to a few ulps: XLA may order reductions
-differently), the switch picks per platform at
-lowering, and the CPU spellings still do what they are there for on the XLA that is installed."""
+differently), the switch picks per platform at lowering, and the CPU spellings still do what they
+are there for on the XLA that is installed."""
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +68,15 @@ def _step(fn):
     return step
 
 
+def _forcing(formulation):
+    """``backend.force(formulation)``, or no override for ``None`` (the platform's choice)."""
+    return contextlib.nullcontext() if formulation is None else backend.force(formulation)
+
+
 def _run(fn, x, p, formulation):
     # a fresh function object per formulation: jit caches traces per function, and the formulation
     # is chosen while tracing
-    if formulation is None:
-        return jax.jit(lambda x, p: _step(fn)(x, p))(x, p)
-    with backend.force(formulation):
+    with _forcing(formulation):
         return jax.jit(lambda x, p: _step(fn)(x, p))(x, p)
 
 
@@ -122,9 +127,7 @@ def _bn_args(shape=(64, 16), dtype=jnp.float32):
 
 def _barriers(platforms, formulation=None):
     fn = jax.jit(lambda *a: _bn_step(*a))
-    if formulation is None:
-        return export.export(fn, platforms=platforms)(*_bn_args()).mlir_module().count("optimization_barrier")
-    with backend.force(formulation):
+    with _forcing(formulation):
         return export.export(fn, platforms=platforms)(*_bn_args()).mlir_module().count("optimization_barrier")
 
 

@@ -137,7 +137,8 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     # c, and the rounding r = μ − c = (K − c) + δ (exact: K and c are close) is taken out again,
     # M₂ = Σ(x − c)² − n·r², so no cancellation remains. A shift of its own (c, not K) lets each
     # reduction read x on its own: XLA writes a broadcast that two reductions share out to memory.
-    # Spelled x + (−c): the output is spelled (x − c) − r, and a shared x − c would be written out.
+    # backend.minus: on CPU spelled x + (−c), since the output is spelled (x − c) − r and XLA:CPU
+    # would write a shared x − c out to memory.
     center, rounding = rounded_mean(k, offset)
     e = backend.minus(x2.astype(dtype), center)
     if mask is not None:
