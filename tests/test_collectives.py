@@ -1,7 +1,8 @@
 """Cross-device traffic of sync batch norm, counted in the optimized HLO.
 
 One collective per batch-norm layer in the forward pass and one in the backward pass, under
-pmap and shard_map, for a network of several layers.
+pmap and shard_map, for a network of several layers (not counting the overflow fallback's, in a
+while loop that runs only when the moments overflow float32).
 """
 
 from __future__ import annotations
@@ -21,8 +22,19 @@ C = 16
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast")
 
 
-def count_collectives(hlo: str) -> int:
-    """Number of cross-device collective instructions (async pairs counted once) in HLO text."""
+def without_loop_bodies(hlo: str) -> str:
+    """The HLO text less the bodies of while loops: bnjax's only loops are the lazy overflow
+    fallbacks (statistics, "Range"), whose collectives run only when the moments overflowed."""
+    bodies = set(re.findall(r"\bbody=%([\w.\-]+)", hlo))
+    blocks = re.split(r"\n(?=%|ENTRY)", hlo)
+    return "\n".join(b for b in blocks if not any(b.startswith(f"%{name} ") for name in bodies))
+
+
+def count_collectives(hlo: str, fallback: bool = False) -> int:
+    """Number of cross-device collective instructions (async pairs counted once) in HLO text; those
+    of the overflow fallback only with ``fallback``."""
+    if not fallback:
+        hlo = without_loop_bodies(hlo)
     total = 0
     for op in COLLECTIVES:
         total += len(re.findall(rf"= [^=\n]*\b{op}(?:-start)?\(", hlo))
@@ -61,6 +73,10 @@ def test_shard_map_one_collective_each_way_per_layer(layers):
 
     assert count_collectives(_compiled(forward, x)) == layers
     assert count_collectives(_compiled(train_step, x)) == 2 * layers
+    # and the overflow fallback (run only when needed) one of its own in the forward pass (the
+    # moments again, with each participant's scale); the backward pass shares its all-reduce
+    assert count_collectives(_compiled(forward, x), fallback=True) == 2 * layers
+    assert count_collectives(_compiled(train_step, x), fallback=True) == 3 * layers
 
 
 @pytest.mark.parametrize("layers", [1, 3])
@@ -91,9 +107,11 @@ def test_backward_collective_carries_two_feature_vectors():
         f = jax.shard_map(lambda x: _net(x, 1, "d")[0], mesh=mesh, in_specs=P("d"), out_specs=P("d"))
         return jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
 
-    sizes = _all_reduce_sizes(_compiled(train_step, jnp.ones((64, 4, C))))
+    hlo = _compiled(train_step, jnp.ones((64, 4, C)))
     # forward: 8 devices × (n, K, δ, M₂) × C; backward: (Σdy, Σdy·x̂) × C
-    assert sorted(sizes) == [2 * C, 8 * 4 * C]
+    assert sorted(_all_reduce_sizes(without_loop_bodies(hlo))) == [2 * C, 8 * 4 * C]
+    # the overflow fallback's, the moments with each device's scale: 8 × (n, K, δ, M₂, s) × C
+    assert sorted(_all_reduce_sizes(hlo)) == [2 * C, 8 * 4 * C, 8 * 5 * C]
 
 
 def test_masked_layer_with_replicated_params_still_one_collective_each_way():

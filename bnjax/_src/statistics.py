@@ -35,6 +35,14 @@ Either way μ is kept as the pair (K, δ) until it is used, and E[x²] − E[x]�
 log₂(μ²/σ²) bits) is never formed. Across devices each participant contributes (n, K, δ, M₂) and
 the parts are merged exactly (Chan, Golub & LeVeque 1979), relative to one participant's mean to
 keep the merge just as stable.
+
+Range. In float32, M₂ overflows once the spread of a statistic passes about 2⁶³, and x − K once
+|x| nears the float32 maximum, although the normalized output is of order 1.
+``global_scaled_moments`` then gives the moments of x·s, s = 2^−k a power of two per statistic
+that brings the spread max |x − K| below 2^L (``spread_limit``): exact, since multiplying by a
+power of two commutes with rounding; the output is invariant under x → x·s, ε → ε·s² (``Scaled``).
+It is the columns method with one more pass over x (for the spread), and the transform runs it
+only where the moments above came out non-finite.
 """
 
 from __future__ import annotations
@@ -81,6 +89,53 @@ def rounded_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Ar
     return center, (shift - center) + offset
 
 
+class Scaled(NamedTuple):
+    """The moments of x·s for a power of two 0 < s ≤ 1 per statistic (``scale``, the moments' shape;
+    ``None``: s = 1, known when tracing). The normalized output is invariant under x → x·s,
+    ε → ε·s², so the transform and its backward pass use these moments as they are;
+    ``unscaled`` gives those of x itself."""
+
+    moments: Moments
+    scale: jax.Array | None
+
+
+def spread_limit(dtype) -> int:
+    """L: a statistic whose spread max |x − K| stays below 2^L is computed unscaled. Scaled data has
+    a spread below 2^L, so M₂ < N·2^(2L) stays finite for N < 2⁴⁴ elements, across participants too
+    (L = 42 in float32, 490 in float64)."""
+    return (jnp.finfo(dtype).maxexp - 44) // 2
+
+
+def power_of_two_scale(half_spread: jax.Array) -> jax.Array:
+    """s = 2^−k, the largest power of two ≤ 1 with 2·``half_spread``·s < 2^L (``spread_limit``), read
+    off the exponent bits. ``half_spread`` ≥ 0 is half of a spread (halved so that it cannot
+    overflow); inf and NaN give the smallest s (their moments are non-finite anyway)."""
+    half_spread = lax.stop_gradient(half_spread)
+    dtype = half_spread.dtype
+    info = jnp.finfo(dtype)
+    bias, mant = info.maxexp - 1, info.nmant
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    bits = lax.bitcast_convert_type(half_spread, itype)
+    biased = lax.shift_right_logical(bits, itype(mant)) & itype(2 * bias + 1)
+    # half_spread < 2^(e + 1) for e = biased − bias, so the spread is below 2^(e + 2): k = e + 2 − L
+    k = jnp.maximum(biased - itype(bias - 2 + spread_limit(dtype)), itype(0))
+    return lax.bitcast_convert_type(lax.shift_left(itype(bias) - k, itype(mant)), dtype)
+
+
+def unscaled(scaled: Scaled) -> Moments:
+    """The moments of x from those of x·s: shift and offset / s, M₂ / s². M₂ (so σ²) is inf where it
+    is beyond float range; the running statistics then skip that update."""
+    m, s = scaled
+    if s is None:
+        return m
+    return Moments(m.count, m.shift / s, m.offset / s, m.m2 / (s * s))
+
+
+def overflowed(m: Moments) -> jax.Array:
+    """Whether any statistic is non-finite (a scalar): for finite x, an overflow inside the moments."""
+    return jnp.logical_not(jnp.all(jnp.isfinite(m.offset) & jnp.isfinite(m.m2)))
+
+
 def reduced_size(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
     """The number of elements of an array of ``shape`` that each statistic over ``axes`` covers."""
     return math.prod(shape[a] for a in axes)
@@ -115,20 +170,27 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
     return lax.stop_gradient(k.reshape(keep_shape))
 
 
-def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
-    """The shifted two-pass around a data element (any axes, masks)."""
+def _column_moments(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, scale: jax.Array | None = None
+) -> Moments:
+    """The shifted two-pass around a data element (any axes, masks), of x·``scale`` (a power of two
+    per statistic; ``None``: 1)."""
     dtype = compute_dtype(x.dtype)
     zero = jnp.zeros((), dtype)
     # Two copies of x that XLA may not identify, one per pass: each reduction is a pass of its own,
-    # and a float32 convert of low-precision x that both shared would be written out to memory.
-    x1, x2 = backend.separate(x, x)
+    # and a float32 convert of low-precision x (or a broadcast s) that both shared would be written
+    # out to memory.
+    x1, x2, s1, s2 = backend.separate(x, x, scale, scale)
+    x1, x2 = x1.astype(dtype), x2.astype(dtype)
     k = _shift(x, axes, mask).astype(dtype)
     n = count(x, axes, mask, dtype)
     if mask is not None:
         # no valid element: K = 0, not x's first (masked-out, possibly NaN) element, which would
         # otherwise reach M₂ as 0·NaN through the rounding term below
         k = jnp.where(n > 0, k, zero)
-    d = x1.astype(dtype) - k
+    if scale is not None:
+        x1, x2, k = x1 * s1, x2 * s2, k * scale
+    d = x1 - k
     if mask is not None:
         d = jnp.where(mask, d, zero)
     safe_n = jnp.maximum(n, 1)  # n = 0 only when masked out: its statistics are defined as 0
@@ -140,7 +202,7 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     # backend.minus: on CPU spelled x + (−c), since the output is spelled (x − c) − r and XLA:CPU
     # would write a shared x − c out to memory.
     center, rounding = rounded_mean(k, offset)
-    e = backend.minus(x2.astype(dtype), center)
+    e = backend.minus(x2, center)
     if mask is not None:
         e = jnp.where(mask, e, zero)
     m2 = jnp.maximum(jnp.sum(e * e, axis=axes, keepdims=True) - n * rounding * rounding, 0)
@@ -193,16 +255,34 @@ def uses_rows(x_shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array |
     return math.prod(x_shape[a] for a in kept) >= ROW_LOOP_MIN_ROWS
 
 
-def _uncentred_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
-    """Moments about 0 (RMS norm): mean 0 and M₂ = Σx², so that M₂/n = E[x²]; they merge across
-    participants like any other moments (all shifts are 0, so the merge is a plain sum)."""
+def _uncentred_moments(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, scale: jax.Array | None = None
+) -> Moments:
+    """Moments about 0 (RMS norm) of x·``scale``: mean 0 and M₂ = Σx², so that M₂/n = E[x²]; they
+    merge across participants like any other moments (all shifts are 0, so the merge is a plain sum)."""
     dtype = compute_dtype(x.dtype)
     xc = x.astype(dtype)
+    if scale is not None:
+        xc = xc * scale
     if mask is not None:
         xc = jnp.where(mask, xc, jnp.zeros((), dtype))
     n = count(x, axes, mask, dtype)
     zero = jnp.zeros(n.shape, dtype)
     return Moments(n, zero, zero, jnp.sum(xc * xc, axis=axes, keepdims=True))
+
+
+def _local_scaled_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, center: bool) -> Scaled:
+    """Moments of this participant's x·s by the columns method (any layout), each statistic
+    scaled by the power of two its spread max |x − K| calls for (max |x| for ``center=False``):
+    one pass for the spread, two for the moments."""
+    dtype = compute_dtype(x.dtype)
+    (xc,) = backend.separate(x)  # a pass of its own, not merged with the moments' passes
+    xc = xc.astype(dtype)
+    half = jnp.abs(xc * 0.5 - _shift(x, axes, mask).astype(dtype) * 0.5) if center else jnp.abs(xc * 0.5)
+    if mask is not None:
+        half = jnp.where(mask, half, jnp.zeros((), dtype))
+    s = power_of_two_scale(jnp.max(half, axis=axes, keepdims=True))
+    return Scaled((_column_moments if center else _uncentred_moments)(x, axes, mask, s), s)
 
 
 def local_moments(
@@ -266,6 +346,53 @@ def pool(total: Moments | None, part: Moments) -> Moments:
     return merge(Moments(*(jnp.stack([a, b]) for a, b in zip(total, part, strict=True))))
 
 
+def merge_scaled(parts: Scaled, include: jax.Array | None = None) -> Scaled:
+    """``merge`` of parts that carry scales of their own (stacked along axis 0, as the moments).
+
+    Each part is brought to the smallest scale among the parts that count, then all of them once
+    more by the power of two that the spread of their means calls for (parts can lie far apart
+    although none of them is spread: participants whose data sit at +1e30 and −1e30); both exact.
+    The union carries the resulting scale. ``include``: as for ``merge``."""
+    m, s = parts
+    if s is None:
+        return Scaled(merge(m, include), None)
+    n = m.count
+    if include is not None:
+        n = jnp.where(include.reshape(include.shape + (1,) * (n.ndim - 1)), n, jnp.zeros((), n.dtype))
+    one = jnp.ones((), s.dtype)
+    common = jnp.min(jnp.where(n > 0, s, one), axis=0, keepdims=True)
+    t = common / s
+    shift, offset = m.shift * t, m.offset * t
+    r = jnp.argmax(n, axis=0)[None]
+    half = (shift * 0.5 - jnp.take_along_axis(shift, r, axis=0) * 0.5) + (
+        offset * 0.5 - jnp.take_along_axis(offset, r, axis=0) * 0.5
+    )
+    u = power_of_two_scale(jnp.max(jnp.where(n > 0, jnp.abs(half), 0 * one), axis=0, keepdims=True))
+    t = t * u
+    rescaled = Moments(m.count, m.shift * t, m.offset * t, m.m2 * (t * t))
+    return Scaled(merge(rescaled, include), (common * u)[0])
+
+
+def global_scaled_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None = None,
+    axis_name: collective.AxisName | None = None,
+    axis_index_groups: collective.Groups | None = None,
+    *,
+    center: bool = True,
+) -> Scaled:
+    """The moments of x·s (``Scaled``; see the module docstring, "Range"), merged across
+    ``axis_name`` (within this participant's group) when given: the slow path, for moments that
+    overflowed. An empty reduction has n = 0, moments 0 and s = 1."""
+    if reduced_size(x.shape, axes) == 0:
+        m = local_moments(x, axes, mask, center=center)
+        local = Scaled(m, jnp.ones_like(m.m2))
+    else:
+        local = _local_scaled_moments(x, axes, mask, center)
+    return merge_scaled_across(local, axis_name, axis_index_groups)
+
+
 def global_moments(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -283,13 +410,37 @@ def merge_across(
     local: Moments, axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None = None
 ) -> Moments:
     """Merges each participant's moments over ``axis_name`` (within its group): exact, as ``merge``."""
+    gathered = _gather(list(local), axis_name, axis_index_groups)
+    if gathered is None:
+        return local
+    parts, include = gathered
+    return merge(Moments(*parts), include)
+
+
+def _gather(
+    fields: list[jax.Array], axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None
+) -> tuple[list[jax.Array], jax.Array | None] | None:
+    """Every participant's ``fields``, stacked along a new axis 0 in one collective, and which of
+    them are in this participant's group (``None``: all); ``None`` without ``axis_name``."""
     if axis_name is None:
         if axis_index_groups is not None:
             raise ValueError("axis_index_groups needs axis_name: the groups index the participants of that axis.")
-        return local
-    stacked = collective.gather_replicated(jnp.stack(local), axis_name)
+        return None
+    stacked = collective.gather_replicated(jnp.stack(fields), axis_name)
     include = None if axis_index_groups is None else collective.my_group(axis_name, axis_index_groups)
-    return merge(Moments(*(stacked[:, i] for i in range(len(local)))), include)
+    return [stacked[:, i] for i in range(len(fields))], include
+
+
+def merge_scaled_across(
+    local: Scaled, axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None = None
+) -> Scaled:
+    """``merge_across`` for scaled moments: one collective, which carries each participant's scale."""
+    scale = jnp.ones_like(local.moments.m2) if local.scale is None else local.scale
+    gathered = _gather([*local.moments, scale], axis_name, axis_index_groups)
+    if gathered is None:
+        return local
+    parts, include = gathered
+    return merge_scaled(Scaled(Moments(*parts[:4]), parts[4]), include)
 
 
 def moments(

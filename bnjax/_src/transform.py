@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from bnjax._src import backend, collective, statistics
-from bnjax._src.statistics import Moments, compute_dtype
+from bnjax._src.lazy import lazily
+from bnjax._src.statistics import Moments, Scaled, compute_dtype
 from bnjax._src.validation import check_eps, check_floating
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -47,6 +49,7 @@ def apply_normalization(
     activation: Activation | None,
     *,
     rows: bool = False,
+    x_scale: jax.Array | None = None,
 ) -> jax.Array:
     """The transform on pre-validated, broadcast-ready operands (used by every method).
 
@@ -54,13 +57,20 @@ def apply_normalization(
     catastrophically when |μ| ≫ σ, while x − μ is exact for nearby values and makes a constant
     feature give exactly b. ``var=None`` means σ = 1 (mean-only batch norm; ``eps`` unused).
     ``rows``: ``mean`` = (K, δ) comes from the statistics' rows method, which fixes how x − μ is
-    spelled (for XLA's fusion only; both spellings are at the float32 floor).
+    spelled (for XLA's fusion only; both spellings are at the float32 floor). ``x_scale``: the
+    statistics are those of x·s (``statistics.Scaled``), and so is the transform, which is
+    invariant under x → x·s, ε → ε·s².
     """
     dtype = compute_dtype(x.dtype)
-    inv = None if var is None else lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
+    eps = jnp.asarray(eps, dtype)
+    if x_scale is not None:
+        eps = eps * (x_scale * x_scale)
+    inv = None if var is None else lax.rsqrt(var.astype(dtype) + eps)
     if scale is not None:
         inv = scale.astype(dtype) if inv is None else inv * scale.astype(dtype)
     xc = x.astype(dtype)
+    if x_scale is not None:
+        xc = xc * x_scale
     if isinstance(mean, tuple):  # (K, δ): μ = K + δ unrounded; x − μ at the float32 floor
         shift, offset = mean[0].astype(dtype), mean[1].astype(dtype)
         if rows:
@@ -223,30 +233,96 @@ def _statistics(x, mask, axes, axis_name, groups, center) -> Moments:
     return statistics.global_moments(x, axes, mask, axis_name, groups, center=center)
 
 
-def _output(x, m: Moments, scale, bias, eps, center, rows):
+def _output(x, m: Moments, scale, bias, eps, center, rows, mask, autodiff, s=None):
+    """y from the moments (of x·s, for s not None). ``autodiff`` with a mask: two selects, so that
+    no masked-out value meets a gradient: the valid branch reads 0 where x is masked out (a NaN
+    there would give 0·NaN in its backward pass), and the masked-out branch carries no gradient."""
     mean = (m.shift, m.offset) if center else None
-    return apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=rows)
+
+    def output(x):
+        return apply_normalization(x, mean, m.var, scale, bias, eps, None, rows=rows, x_scale=s)
+
+    if not autodiff or mask is None:
+        return output(x)
+    valid = output(jnp.where(mask, x, jnp.zeros((), x.dtype)))
+    return jnp.where(mask, valid, lax.stop_gradient(output(x)))
 
 
 def _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center, autodiff=False):
     """The forward pass: ((y, moments), residuals). ``autodiff``: the output is differentiated
     by JAX, so masked-out positions are made constants here (the custom VJP's backward pass
-    does the same in closed form)."""
-    m = _statistics(x, mask, axes, axis_name, groups, center)
+    does the same in closed form).
+
+    Checked for overflow (see statistics, "Range"): where the moments came out non-finite, y
+    and the moments are computed again from the moments of x·s (``lazily``: only then). Under
+    ``autodiff`` the moments of x·s are used from the start (one more pass over x): JAX would
+    differentiate the unchecked moments too, and their non-finite partial derivatives times a
+    zero cotangent make NaN. The rows method (without ``axis_name``) is not checked: XLA computes
+    its statistics and y in one loop per row, which a check would split."""
     rows = statistics.uses_rows(x.shape, axes, mask)
-    if autodiff and mask is not None:
-        # Two selects, so that no masked-out value meets a gradient: the valid branch reads 0
-        # where x is masked out (a NaN there would give 0·NaN in its backward pass), and the
-        # masked-out branch carries no gradient at all.
-        valid = _output(jnp.where(mask, x, jnp.zeros((), x.dtype)), m, scale, bias, eps, center, rows)
-        padding = lax.stop_gradient(_output(x, m, scale, bias, eps, center, rows))
-        y = jnp.where(mask, valid, padding)
-    else:
-        y = _output(x, m, scale, bias, eps, center, rows)
     if rows and axis_name is None:
-        return (y, m), (x, scale, bias, mask, eps, None, None)
-    inv = lax.rsqrt(m.var + eps)
-    return (y, m), (x, scale, bias, mask, eps, m, inv)
+        m = _statistics(x, mask, axes, axis_name, groups, center)
+        return (_output(x, m, scale, bias, eps, center, rows, mask, autodiff), m), (x, scale, bias, mask, eps) + (
+            None,
+        ) * 3
+    if autodiff:
+        checked = statistics.global_scaled_moments(x, axes, mask, axis_name, groups, center=center)
+        y = _output(x, checked.moments, scale, bias, eps, center, False, mask, autodiff, checked.scale)
+        return (y, statistics.unscaled(checked)), None
+    m = _statistics(x, mask, axes, axis_name, groups, center)
+    y = _output(x, m, scale, bias, eps, center, rows, mask, autodiff)
+
+    overflow = statistics.overflowed(m)
+    one = collective.match_varying(jnp.ones_like(m.m2), m.m2)
+    redo = _ScaledForward(axes, axis_name, groups, center)
+    y, checked = lazily(overflow, (y, Scaled(m, one)), redo, x, scale, bias, mask, eps)
+    return (y, statistics.unscaled(checked)), (x, scale, bias, mask, eps, m, checked, overflow)
+
+
+class _ScaledForward(NamedTuple):
+    """The forward pass's overflow fallback: y and the moments from those of x·s (a value, for
+    ``lazily``'s caches)."""
+
+    axes: tuple[int, ...]
+    axis_name: Any
+    groups: Any
+    center: bool
+
+    def __call__(self, x, scale, bias, mask, eps):
+        checked = statistics.global_scaled_moments(x, self.axes, mask, self.axis_name, self.groups, center=self.center)
+        y = _output(x, checked.moments, scale, bias, eps, self.center, False, mask, False, checked.scale)
+        return y, checked
+
+
+class _RawSum(NamedTuple):
+    """Σ d·(x·s − c) for d = dy·gain (about 0 for ``center=False``; s ``None``: 1), over ``axes``;
+    with ``axis_name``, also its total over the participants, as a pair (Σd, that)."""
+
+    axes: tuple[int, ...]
+    center: bool
+    dtype: Any
+    axis_name: Any = None
+    groups: Any = None
+
+    def __call__(self, x, dy, gain, c, s=None):
+        d = dy.astype(self.dtype) if gain is None else dy.astype(self.dtype) * gain
+        xs = x.astype(self.dtype) if s is None else x.astype(self.dtype) * s
+        return jnp.sum(d * (xs - c if self.center else xs), axis=self.axes, keepdims=True)
+
+
+class _RawTotal(NamedTuple):
+    """(this participant's, the total) of (Σd, Σ d·x·s) (about 0: RMS norm), for the fallback."""
+
+    raw: _RawSum
+
+    def __call__(self, x, dy, gain, sum_d, s):
+        local = (sum_d, self.raw(x, dy, gain, 0, s))
+        return local, _total(local, self.raw.axis_name, self.raw.groups)
+
+
+def _total(pair, axis_name, groups):
+    """The two sums over every participant, in one all-reduce."""
+    return pair if axis_name is None else collective.group_sum(pair, axis_name, groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -308,10 +384,14 @@ def _row_bwd(axes, center, x, scale, bias, eps, dy):
 
 
 def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
-    x, scale, bias, mask, eps, m, inv = residuals
+    x, scale, bias, mask, eps, unchecked, checked, overflow = residuals
     dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
-    if m is None:
+    if unchecked is None:
         return _row_bwd(axes, center, x, scale, bias, eps, dy)
+    # The moments the forward pass used (statistics.Scaled: of x·s, s = 1 unless they overflowed):
+    # x̂ = ((x·s − c) − r)·inv with inv = 1/√(σ²s² + εs²), and 1/σ = s·inv.
+    m, s = checked
+    inv = lax.rsqrt(m.var + eps * (s * s))
     dtype = inv.dtype
     if mask is not None:
         # masked-out positions are constants (see normalize_with_statistics): they enter no sum,
@@ -320,27 +400,46 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         x = jnp.where(mask, x, jnp.zeros((), x.dtype))
     if center:
         c, r = statistics.rounded_mean(m.shift, m.offset)  # μ = c + r, as in the forward pass
+        first = statistics.rounded_mean(unchecked.shift, unchecked.offset)[0]
     else:
-        c = r = jnp.zeros((), dtype)
+        c = r = first = jnp.zeros((), dtype)
     # x̂ is needed up to three times (in Σ d·x̂, in dx, in dg), and so are dy, g, μ and 1/σ. Each
     # use gets copies of its own that XLA may not identify with the others or with the forward
     # pass's: XLA merges equal expressions, even equal broadcasts or converts, and then writes the
     # shared one out to memory as a full float32 tensor instead of recomputing it in each loop.
-    (x_sum, c_sum), (x_out, c_out, r_out, inv_out), (x_dg, c_dg, r_dg, inv_dg), copies = backend.separate(
-        (x, c), (x, c, r, inv), (x, c, r, inv), (dy, dy, dy, dy, dy, scale)
+    (x_sum, c_sum), (x_out, c_out, r_out, inv_out, s_out), (x_dg, c_dg, r_dg, inv_dg, s_dg), copies = backend.separate(
+        (x, first), (x, c, r, inv, s), (x, c, r, inv, s), (dy, dy, dy, dy, dy, scale)
     )
     dy_sum, dy_raw, dy_out, dy_dg, dy_db, scale_out = copies
 
-    def normalized(xv, c, r, inv):  # x̂, spelled as the forward pass's output
-        xv = xv.astype(dtype)
+    def normalized(xv, c, r, inv, s):  # x̂, spelled as the forward pass's output
+        xv = xv.astype(dtype) * s
         return (((xv - c) - r) if center else xv) * inv
 
-    def sums(gain=None):  # (Σd, Σ d·(x − c)) for d = dy·gain; then Σ d·x̂ = inv·(Σ d·(x − c) − r·Σd)
-        d_sum, d_raw = dy_sum.astype(dtype), dy_raw.astype(dtype)  # each reduction converts on its own
-        if gain is not None:
-            d_sum, d_raw = d_sum * gain, d_raw * gain
-        centered = x_sum.astype(dtype) - c_sum if center else x_sum.astype(dtype)
-        return jnp.sum(d_sum, axis=axes, keepdims=True), jnp.sum(d_raw * centered, axis=axes, keepdims=True)
+    raw_sum = _RawSum(axes, center, dtype, axis_name, groups)
+
+    def total(pair):
+        return _total(pair, axis_name, groups)
+
+    def sums(gain=None):
+        """(Σd, Σ d·(x·s − c)) for d = dy·gain, this participant's and the total; then
+        Σ d·x̂ = inv·(Σ d·(x·s − c) − r·Σd)."""
+        d_sum = dy_sum.astype(dtype)  # each reduction converts on its own
+        sum_d = jnp.sum(d_sum if gain is None else d_sum * gain, axis=axes, keepdims=True)
+        if center:
+            # Σ d·(x − c) around the mean as first computed (equal to the checked one unless the
+            # moments overflowed), so that this pass need not wait for the check; again with
+            # x·s if they did
+            raw = lazily(overflow, raw_sum(x_sum, dy_raw, gain, c_sum), raw_sum, x, dy, gain, c, s)
+            return (sum_d, raw), total((sum_d, raw))
+        # about 0 (RMS norm): Σ d·x·s = s·Σ d·x exactly, unless Σ d·x overflows. So the sum and its
+        # all-reduce need not wait for the forward pass (XLA sends that all-reduce together with
+        # the forward's); taken again with x·s only if the total overflowed.
+        local = (sum_d, raw_sum(x_sum, dy_raw, gain, 0))
+        summed = total(local)
+        fast = ((local[0], local[1] * s), (summed[0], summed[1] * s))
+        overflowed = jnp.logical_not(jnp.all(jnp.isfinite(summed[1])))
+        return lazily(overflowed, fast, _RawTotal(raw_sum), x, dy, gain, sum_d, s)
 
     def finish(sum_d, raw):
         return inv * ((raw - r * sum_d) if center else raw)
@@ -349,26 +448,25 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
     if all(p.shape[a] == 1 for p in affine for a in axes):
         # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
         # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
-        sum_d, raw = sums()
+        (sum_d, raw), (total_d, total_raw) = sums()
         local = finish(sum_d, raw)  # Σ dy·x̂
         dscale = None if scale is None else _param_cotangent(scale, local)
         dbias = None if bias is None else _param_cotangent(bias, sum_d)
-        deps = _eps_cotangent(eps, inv, local if scale is None else local * scale.astype(dtype))
+        deps = _eps_cotangent(eps, inv * s, local if scale is None else local * scale.astype(dtype))
         d = dy_out.astype(dtype)
         gain = inv_out if scale is None else inv_out * scale_out.astype(dtype)
     else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
-        sum_d, raw = sums(None if scale is None else scale.astype(dtype))
-        deps = _eps_cotangent(eps, inv, finish(sum_d, raw))
-        xhat_dg = normalized(x_dg, c_dg, r_dg, inv_dg)
+        (sum_d, raw), (total_d, total_raw) = sums(None if scale is None else scale.astype(dtype))
+        deps = _eps_cotangent(eps, inv * s, finish(sum_d, raw))
+        xhat_dg = normalized(x_dg, c_dg, r_dg, inv_dg, s_dg)
         dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * xhat_dg)
         dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
         d = dy_out.astype(dtype) if scale is None else dy_out.astype(dtype) * scale_out.astype(dtype)
         gain = inv_out
-    if axis_name is not None:  # the two raw sums in one all-reduce; the rest is per feature
-        sum_d, raw = collective.group_sum((sum_d, raw), axis_name, groups)
-    sum_d_xhat = finish(sum_d, raw)
-    coupled = normalized(x_out, c_out, r_out, inv_out) * sum_d_xhat + (sum_d if center else 0)
-    dx = gain * (d - coupled / jnp.maximum(m.count, 1))
+    sum_d_xhat = finish(total_d, total_raw)
+    coupled = normalized(x_out, c_out, r_out, inv_out, s_out) * sum_d_xhat + (total_d if center else 0)
+    # 1/σ = s·inv: s last, so that a dx in float32's normal range does not pass through a subnormal
+    dx = (gain * (d - coupled / jnp.maximum(m.count, 1))) * s_out
     if mask is not None:
         dx = jnp.where(mask, dx, jnp.zeros((), dtype))
     return dx.astype(x.dtype), dscale, dbias, None, deps
