@@ -115,3 +115,14 @@ def test_ln_bound_runs_and_its_formula_is_bnjax(capsys):
     out = capsys.readouterr().out
     for name in ("  bnjax formula ", "  without the clamp ", "  without the correction ", "  floor (read x, write y) "):
         assert out.count(name) == 2, name  # float32 and bfloat16
+
+
+def test_against_revision_quick(capsys):
+    """benchmarks/against.py loads HEAD's bnjax beside this tree's and times both on a workload."""
+    against = _load("against")
+    report = against.main(["HEAD", "--quick", "--only", "BN train float32"])
+    rows = [line for line in report.splitlines() if line.startswith("| BN train float32")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert all(math.isfinite(float(c)) and float(c) > 0 for c in cells[1:4])
+    assert report in capsys.readouterr().out
