@@ -295,8 +295,8 @@ class _ScaledForward(NamedTuple):
 
 
 class _RawSum(NamedTuple):
-    """Σ d·(x·s − c) for d = dy·gain (about 0 for ``center=False``; s ``None``: 1), over ``axes``;
-    with ``axis_name``, also its total over the participants, as a pair (Σd, that)."""
+    """Σ d·(x·s − c) for d = dy·gain (about 0 for ``center=False``; s ``None``: 1), over ``axes``
+    (this participant's share; ``axis_name`` and ``groups`` are for ``_RawTotal``)."""
 
     axes: tuple[int, ...]
     center: bool
