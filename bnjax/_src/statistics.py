@@ -90,13 +90,13 @@ def rounded_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 class Scaled(NamedTuple):
-    """The moments of x·s for a power of two 0 < s ≤ 1 per statistic (``scale``, the moments' shape;
-    ``None``: s = 1, known when tracing). The normalized output is invariant under x → x·s,
+    """The moments of x·s for a power of two 0 < s ≤ 1 per statistic (``scale``, the moments'
+    shape). The normalized output is invariant under x → x·s,
     ε → ε·s², so the transform and its backward pass use these moments as they are;
     ``unscaled`` gives those of x itself."""
 
     moments: Moments
-    scale: jax.Array | None
+    scale: jax.Array
 
 
 def spread_limit(dtype) -> int:
@@ -126,8 +126,6 @@ def unscaled(scaled: Scaled) -> Moments:
     """The moments of x from those of x·s: shift and offset / s, M₂ / s². M₂ (so σ²) is inf where it
     is beyond float range; the running statistics then skip that update."""
     m, s = scaled
-    if s is None:
-        return m
     return Moments(m.count, m.shift / s, m.offset / s, m.m2 / (s * s))
 
 
@@ -354,8 +352,6 @@ def merge_scaled(parts: Scaled, include: jax.Array | None = None) -> Scaled:
     although none of them is spread: participants whose data sit at +1e30 and −1e30); both exact.
     The union carries the resulting scale. ``include``: as for ``merge``."""
     m, s = parts
-    if s is None:
-        return Scaled(merge(m, include), None)
     n = m.count
     if include is not None:
         n = jnp.where(include.reshape(include.shape + (1,) * (n.ndim - 1)), n, jnp.zeros((), n.dtype))
@@ -435,8 +431,7 @@ def merge_scaled_across(
     local: Scaled, axis_name: collective.AxisName | None, axis_index_groups: collective.Groups | None = None
 ) -> Scaled:
     """``merge_across`` for scaled moments: one collective, which carries each participant's scale."""
-    scale = jnp.ones_like(local.moments.m2) if local.scale is None else local.scale
-    gathered = _gather([*local.moments, scale], axis_name, axis_index_groups)
+    gathered = _gather([*local.moments, local.scale], axis_name, axis_index_groups)
     if gathered is None:
         return local
     parts, include = gathered

@@ -295,14 +295,12 @@ class _ScaledForward(NamedTuple):
 
 
 class _RawSum(NamedTuple):
-    """Σ d·(x·s − c) for d = dy·gain (about 0 for ``center=False``; s ``None``: 1), over ``axes``
-    (this participant's share; ``axis_name`` and ``groups`` are for ``_RawTotal``)."""
+    """Σ d·(x·s − c) for d = dy·gain (about 0 for ``center=False``; s ``None``: 1), over ``axes``:
+    this participant's share."""
 
     axes: tuple[int, ...]
     center: bool
     dtype: Any
-    axis_name: Any = None
-    groups: Any = None
 
     def __call__(self, x, dy, gain, c, s=None):
         d = dy.astype(self.dtype) if gain is None else dy.astype(self.dtype) * gain
@@ -314,10 +312,12 @@ class _RawTotal(NamedTuple):
     """(this participant's, the total) of (Σd, Σ d·x·s) (about 0: RMS norm), for the fallback."""
 
     raw: _RawSum
+    axis_name: Any
+    groups: Any
 
     def __call__(self, x, dy, gain, sum_d, s):
         local = (sum_d, self.raw(x, dy, gain, 0, s))
-        return local, _total(local, self.raw.axis_name, self.raw.groups)
+        return local, _total(local, self.axis_name, self.groups)
 
 
 def _total(pair, axis_name, groups):
@@ -416,7 +416,7 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         xv = xv.astype(dtype) * s
         return (((xv - c) - r) if center else xv) * inv
 
-    raw_sum = _RawSum(axes, center, dtype, axis_name, groups)
+    raw_sum = _RawSum(axes, center, dtype)
 
     def total(pair):
         return _total(pair, axis_name, groups)
@@ -439,7 +439,7 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         summed = total(local)
         fast = ((local[0], local[1] * s), (summed[0], summed[1] * s))
         overflowed = jnp.logical_not(jnp.all(jnp.isfinite(summed[1])))
-        return lazily(overflowed, fast, _RawTotal(raw_sum), x, dy, gain, sum_d, s)
+        return lazily(overflowed, fast, _RawTotal(raw_sum, axis_name, groups), x, dy, gain, sum_d, s)
 
     def finish(sum_d, raw):
         return inv * ((raw - r * sum_d) if center else raw)
