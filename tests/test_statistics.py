@@ -138,6 +138,61 @@ def test_mask_with_no_valid_element_gives_zero_statistics_and_finite_output():
     jax.tree.map(np.testing.assert_array_equal, new, stats)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of the jaxprs inside its equations included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize(
+    "shape, axes, mask_shape",
+    [
+        ((4, 3, 5), (2,), (4, 3, 1)),  # layer norm with a per-token mask: constant along the statistic
+        ((4, 3, 5), (0,), (4, 1, 1)),  # batch norm with a per-example mask
+        ((4, 3, 5), (0, 2), (4, 1, 5)),
+        ((4, 3, 5), (0, 1, 2), (1, 3, 1)),
+        ((2, 4, 3, 5), (1, 3), (2, 4, 1, 1)),
+        ((2, 4, 3, 5), (0, 2, 3), (1, 1, 3, 5)),
+    ],
+)
+def test_shift_and_count_search_the_mask_at_its_own_shape(shape, axes, mask_shape):
+    """The columns method's shift K is x's first valid element in the order of the reduced axes,
+    and n the number of valid elements. Both are found on the mask's own shape (the first valid
+    index is 0 along a reduced axis where the mask has size 1), never on its broadcast to x: that
+    was an argmax over all of x and, for a mask known at compile time, a constant fold that took
+    about 45 s to compile a (64, 256, 512) layer norm."""
+    rng = np.random.default_rng(sum(shape) + len(axes))
+    x = rng.standard_normal(shape).astype(np.float32)
+    for trial in range(4):
+        mask = rng.random(mask_shape) < (0.3 if trial else 0.0)  # the first trial has no valid element
+        k = np.asarray(statistics._shift(jnp.asarray(x), axes, jnp.asarray(mask)))
+        n = np.asarray(statistics.count(jnp.asarray(x), axes, jnp.asarray(mask), jnp.float32))
+        kept = [a for a in range(x.ndim) if a not in axes]
+        perm = list(axes) + kept
+        flat_mask = np.transpose(np.broadcast_to(mask, shape), perm).reshape(-1, *(shape[a] for a in kept))
+        flat_x = np.transpose(x, perm).reshape(flat_mask.shape)
+        first = np.take_along_axis(flat_x, np.argmax(flat_mask, axis=0)[None], axis=0)[0]
+        keep_shape = tuple(1 if a in axes else shape[a] for a in range(x.ndim))
+        np.testing.assert_array_equal(k, first.reshape(keep_shape))
+        np.testing.assert_array_equal(n, flat_mask.sum(axis=0).reshape(keep_shape))
+    big = jnp.zeros((64, 16, 32), jnp.float32)
+    token_mask = jnp.ones((64, 16, 1), bool)
+    jaxpr = jax.make_jaxpr(lambda x, m: bnjax.layer_norm(x, bnjax.init_params(32), mask=m))(big, token_mask)
+    # the search: a reduction over integers (indices), however it is spelled
+    searched = [
+        e.invars[0].aval.size
+        for e in _equations(jaxpr.jaxpr)
+        if e.primitive.name in ("argmax", "argmin", "reduce_min", "reduce_max")
+        and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)
+    ]
+    assert searched and max(searched) <= token_mask.size, searched
+
+
 def test_moments_gradient_matches_float64_formula():
     x, x64 = data((7, 3), seed=2)
     dvar = jax.grad(lambda x: jnp.sum(bnjax.moments(x, 0)[1] * jnp.arange(1.0, 4.0)))(x)

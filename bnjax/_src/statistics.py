@@ -146,10 +146,14 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 def count(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, dtype) -> jax.Array:
     """The number of (valid) elements of each statistic, keepdims shape, in ``dtype``."""
+    shape = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
     if mask is None:
-        shape = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
         return jnp.full(shape, reduced_size(x.shape, axes), dtype)
-    return jnp.sum(jnp.broadcast_to(mask, x.shape), axis=axes, keepdims=True, dtype=dtype)
+    # counted on the mask's own shape, times the reduced axes it is constant along (size 1): not on
+    # its broadcast to x, which XLA would reduce element by element (and, for a constant mask,
+    # fold at compile time, taking seconds for a large x)
+    repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+    return jnp.broadcast_to(jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype) * repeats, shape)
 
 
 def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
@@ -161,9 +165,20 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
     perm = axes + kept
     kept_shape = tuple(x.shape[a] for a in kept)
     flat_x = jnp.transpose(x, perm).reshape((-1,) + kept_shape)
-    flat_m = jnp.transpose(jnp.broadcast_to(mask, x.shape), perm).reshape((-1,) + kept_shape)
-    first = jnp.argmax(flat_m, axis=0)  # index of the first True (0 when there is none)
-    k = jnp.take_along_axis(flat_x, first[None], axis=0)[0]
+    # The first True in the order of ``axes`` (0 when there is none), found on the mask's own shape:
+    # along a reduced axis where the mask has size 1 it is constant, so the first True lies at 0
+    # there. And as the smallest valid index (a plain min), not an argmax, which is a variadic
+    # reduction. Both matter when the mask is known at compile time (built from static lengths
+    # inside jit): XLA folds it, and an argmax over the mask broadcast to x took about 45 s to
+    # compile for a (64, 256, 512) layer norm; the argmax over the mask alone, 0.4-1.5 s.
+    flat_m = jnp.transpose(mask, perm).reshape((-1,) + tuple(mask.shape[a] for a in kept))
+    size = flat_m.shape[0]
+    position = lax.broadcasted_iota(jnp.int32, flat_m.shape, 0)
+    found = jnp.min(jnp.where(flat_m, position, size), axis=0)  # size where there is no valid element
+    coords = jnp.unravel_index(jnp.where(found < size, found, 0), tuple(mask.shape[a] for a in axes))
+    strides = [math.prod(x.shape[b] for b in axes[i + 1 :]) for i in range(len(axes))]
+    first = sum(c * stride for c, stride in zip(coords, strides, strict=True))
+    k = jnp.take_along_axis(flat_x, jnp.broadcast_to(first, kept_shape)[None], axis=0)[0]
     keep_shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim))
     return lax.stop_gradient(k.reshape(keep_shape))
 
