@@ -504,6 +504,16 @@ def test_rows_method_beyond_float32_moments(name):
     np.testing.assert_allclose(np.asarray(jax.jit(lambda x: f(x, None))(x), np.float64), reference(x), atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_an_all_true_mask_takes_the_checked_method_for_rows(name):
+    """The workaround README "Range" gives for the rows method: a mask, all True, selects the
+    columns method, which is checked for overflow."""
+    _, f, reference = _RANGE[name]
+    x = _wide((4096, 8), "max")
+    mask = jnp.ones((4096, 1), bool)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, mask), np.float64), reference(x), atol=2e-5)
+
+
 def test_the_fallback_is_cached_not_rebuilt_per_call():
     """Its loop body and branch are cached by value: eager calls do not trace and compile a new
     loop each time (a closure per call would: 0.2 s per eager call instead of 5 ms)."""
