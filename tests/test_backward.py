@@ -405,3 +405,39 @@ def test_rows_entries_take_the_rows_variant():
     for name, axes in [("layer_norm_rows", (2,)), ("layer_norm_rows_per_channel", (1, 2)), ("rms_norm_rows", (2,))]:
         assert statistics.uses_rows(METHODS[name][0], axes, None), name
     assert not statistics.uses_rows(METHODS["layer_norm"][0], (2,), None)
+
+
+def _reductions_of_size(jaxpr, size):
+    """The reduce_sum equations over ``size`` elements, outside while loops and conds (the overflow
+    fallback's recomputations live there and run only when needed)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.size == size:
+            count += 1
+        if eqn.primitive.name in ("while", "cond"):
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _reductions_of_size(inner, size)
+    return count
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_norm_backward_sums_the_spatial_axes_first(masked):
+    """g varies over the channels of a group but not over the spatial axes: the backward pass sums
+    dy and dy·(x − μ) over the spatial axes per channel (two passes over x's size), and takes
+    Σdz, Σ dz·x̂, dg and db from those small sums, instead of one pass over x's size for each
+    of the four. The forward pass makes two (the statistics)."""
+    shape = (4, 6, 6, 16)
+    x, _ = data(shape)
+    p = params((16,))
+    mask = np.random.default_rng(12).random((4, 6, 6, 1)) < 0.7 if masked else None
+
+    def step(x, ct):
+        _, vjp = jax.vjp(lambda x: bnjax.group_norm(x, p, num_groups=4, mask=mask), x)
+        return vjp(ct)
+
+    jaxpr = jax.make_jaxpr(step)(x, x)
+    assert _reductions_of_size(jaxpr.jaxpr, x.size) == 4

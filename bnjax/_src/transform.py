@@ -455,6 +455,25 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         deps = _eps_cotangent(eps, inv * s, local if scale is None else local * scale.astype(dtype))
         d = dy_out.astype(dtype)
         gain = inv_out if scale is None else inv_out * scale_out.astype(dtype)
+    elif center and (inner := tuple(a for a in axes if all(p.shape[a] == 1 for p in affine))):
+        # g varies within a statistic but is constant along some of its axes (group norm: along
+        # the spatial axes, varying over the channels of a group). Sums over those axes first,
+        # per position of the rest: P_d = Σdy and P_r = Σ dy·(x·s − c); then Σdz, Σ dz·(x·s − c),
+        # dg and db are small sums of them, and the backward pass reads x and dy twice plus dx,
+        # not four times (Σdz, Σ dz·x̂, dg, db each a pass over x's size)
+        outer = tuple(a for a in axes if a not in inner)
+        inner_raw = _RawSum(inner, center, dtype)
+        part_d = jnp.sum(dy_sum.astype(dtype), axis=inner, keepdims=True)
+        part_r = lazily(overflow, inner_raw(x_sum, dy_raw, None, c_sum), inner_raw, x, dy, None, c, s)
+        gain_p = 1 if scale is None else scale.astype(dtype)
+        sum_d = jnp.sum(part_d * gain_p, axis=outer, keepdims=True)
+        raw = jnp.sum(part_r * gain_p, axis=outer, keepdims=True)
+        total_d, total_raw = total((sum_d, raw))
+        deps = _eps_cotangent(eps, inv * s, finish(sum_d, raw))
+        dscale = None if scale is None else _param_cotangent(scale, inv * (part_r - r * part_d))
+        dbias = None if bias is None else _param_cotangent(bias, part_d)
+        d = dy_out.astype(dtype) if scale is None else dy_out.astype(dtype) * scale_out.astype(dtype)
+        gain = inv_out
     else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
         (sum_d, raw), (total_d, total_raw) = sums(None if scale is None else scale.astype(dtype))
         deps = _eps_cotangent(eps, inv * s, finish(sum_d, raw))
