@@ -421,6 +421,26 @@ def test_gradient_beyond_float32_moments_against_float64(kind, fused):
         np.testing.assert_allclose(np.asarray(dx, np.float64), expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["max", "spread"])
+def test_group_norm_gradient_beyond_float32_moments(kind):
+    """Group norm's backward pass sums by parts (per channel over the spatial axes first), its
+    fallback too: dx, dg and db against autodiff of the scaled forward pass (fused_backward=False),
+    down to the subnormal floor that dx ~ 1/σ reaches near the float32 maximum."""
+    x = _wide((2, 4, 4, 8), kind)
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    p = bnjax.NormParams(jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, 8), jnp.float32), jnp.zeros(8))
+
+    def grads(fused):
+        loss = lambda x, p: jnp.sum(bnjax.group_norm(x, p, num_groups=2, fused_backward=fused) * dy)  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(x, p))
+
+    for got, expected in zip(grads(True), grads(False), strict=True):
+        got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+        assert np.isfinite(got).all()
+        atol = 2e-5 * np.max(np.abs(expected)) + 2 * np.finfo(np.float32).tiny
+        np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
+
+
 def test_forward_mode_and_eps_gradient_beyond_float32_moments():
     x = _wide((16, 8), "max")
     t = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
