@@ -474,7 +474,7 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         dbias = None if bias is None else _param_cotangent(bias, part_d)
         d = dy_out.astype(dtype) if scale is None else dy_out.astype(dtype) * scale_out.astype(dtype)
         gain = inv_out
-    else:  # g varies within a statistic (layer, group, RMS norm): dz = g·dy
+    else:  # g varies along every axis of a statistic (layer norm), or RMS norm: dz = g·dy
         (sum_d, raw), (total_d, total_raw) = sums(None if scale is None else scale.astype(dtype))
         deps = _eps_cotangent(eps, inv * s, finish(sum_d, raw))
         xhat_dg = normalized(x_dg, c_dg, r_dg, inv_dg, s_dg)
