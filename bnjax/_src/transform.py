@@ -416,22 +416,27 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         xv = xv.astype(dtype) * s
         return (((xv - c) - r) if center else xv) * inv
 
-    raw_sum = _RawSum(axes, center, dtype)
-
     def total(pair):
         return _total(pair, axis_name, groups)
+
+    def sum_d_over(over, gain=None):
+        d_sum = dy_sum.astype(dtype)  # each reduction converts on its own
+        return jnp.sum(d_sum if gain is None else d_sum * gain, axis=over, keepdims=True)
+
+    def centred_sums(over, gain=None):
+        """(Σd, Σ d·(x·s − c)) over ``over`` for d = dy·gain: this participant's share. Σ d·(x − c)
+        is taken around the mean as first computed (equal to the checked one unless the moments
+        overflowed), so that this pass need not wait for the check; again with x·s if they did."""
+        raw = _RawSum(over, center, dtype)
+        return sum_d_over(over, gain), lazily(overflow, raw(x_sum, dy_raw, gain, c_sum), raw, x, dy, gain, c, s)
 
     def sums(gain=None):
         """(Σd, Σ d·(x·s − c)) for d = dy·gain, this participant's and the total; then
         Σ d·x̂ = inv·(Σ d·(x·s − c) − r·Σd)."""
-        d_sum = dy_sum.astype(dtype)  # each reduction converts on its own
-        sum_d = jnp.sum(d_sum if gain is None else d_sum * gain, axis=axes, keepdims=True)
         if center:
-            # Σ d·(x − c) around the mean as first computed (equal to the checked one unless the
-            # moments overflowed), so that this pass need not wait for the check; again with
-            # x·s if they did
-            raw = lazily(overflow, raw_sum(x_sum, dy_raw, gain, c_sum), raw_sum, x, dy, gain, c, s)
-            return (sum_d, raw), total((sum_d, raw))
+            local = centred_sums(axes, gain)
+            return local, total(local)
+        sum_d, raw_sum = sum_d_over(axes, gain), _RawSum(axes, center, dtype)
         # about 0 (RMS norm): Σ d·x·s = s·Σ d·x exactly, unless Σ d·x overflows. So the sum and its
         # all-reduce need not wait for the forward pass (XLA sends that all-reduce together with
         # the forward's); taken again with x·s only if the total overflowed.
@@ -445,7 +450,8 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         return inv * ((raw - r * sum_d) if center else raw)
 
     affine = [p for p in (scale, bias) if p is not None]
-    if all(p.shape[a] == 1 for p in affine for a in axes):
+    inner = tuple(a for a in axes if all(p.shape[a] == 1 for p in affine))  # the axes g and b are constant along
+    if inner == axes:
         # g and b constant within each statistic (batch, instance norm): Σdz = g·Σdy, so the same
         # two reductions give dx, dg and db (XLA on CPU runs each reduction as its own pass)
         (sum_d, raw), (total_d, total_raw) = sums()
@@ -455,16 +461,14 @@ def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
         deps = _eps_cotangent(eps, inv * s, local if scale is None else local * scale.astype(dtype))
         d = dy_out.astype(dtype)
         gain = inv_out if scale is None else inv_out * scale_out.astype(dtype)
-    elif center and (inner := tuple(a for a in axes if all(p.shape[a] == 1 for p in affine))):
+    elif center and inner:
         # g varies within a statistic but is constant along some of its axes (group norm: along
         # the spatial axes, varying over the channels of a group). Sums over those axes first,
         # per position of the rest: P_d = Σdy and P_r = Σ dy·(x·s − c); then Σdz, Σ dz·(x·s − c),
         # dg and db are small sums of them, and the backward pass reads x and dy twice plus dx,
         # not four times (Σdz, Σ dz·x̂, dg, db each a pass over x's size)
         outer = tuple(a for a in axes if a not in inner)
-        inner_raw = _RawSum(inner, center, dtype)
-        part_d = jnp.sum(dy_sum.astype(dtype), axis=inner, keepdims=True)
-        part_r = lazily(overflow, inner_raw(x_sum, dy_raw, None, c_sum), inner_raw, x, dy, None, c, s)
+        part_d, part_r = centred_sums(inner)
         gain_p = 1 if scale is None else scale.astype(dtype)
         sum_d = jnp.sum(part_d * gain_p, axis=outer, keepdims=True)
         raw = jnp.sum(part_r * gain_p, axis=outer, keepdims=True)
