@@ -524,6 +524,29 @@ def test_rows_method_beyond_float32_moments(name):
     np.testing.assert_allclose(np.asarray(jax.jit(lambda x: f(x, None))(x), np.float64), reference(x), atol=2e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["max", "spread"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_layer_and_rms_norm_gradient_beyond_float32_moments_against_float64(name, kind, fused):
+    """g = 1: layer norm's dx is batch norm's of xᵀ (float64 closed form); RMS norm's against a
+    float64 vjp written out here: dx = (dy − x̂·mean(dy·x̂))/σ with x̂ = x/σ, σ² = mean x² + ε.
+    fused_backward=False differentiates the scaled moments (with L = 42 its RMS norm dx was up to
+    10 % off: ``spread_limit``)."""
+    f = getattr(bnjax, name)
+    x = _wide((4095, 8), kind)
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(f(x, bnjax.init_params(8), fused_backward=fused) * dy)))(x)
+    if name == "layer_norm":
+        expected = ref.batch_norm_train_vjp(x.T, None, dy.T)[0].T
+    else:
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        sigma = np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6)
+        xhat = x64 / sigma
+        expected = (dy64 - xhat * (dy64 * xhat).mean(-1, keepdims=True)) / sigma
+    atol = 2e-5 * np.max(np.abs(expected)) + 4 * np.finfo(np.float32).tiny
+    np.testing.assert_allclose(np.asarray(dx, np.float64), expected, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
 def test_an_all_true_mask_takes_the_checked_method_for_rows(name):
     """The workaround README "Range" gives for the rows method: a mask, all True, selects the
