@@ -95,6 +95,7 @@ def workloads(quick: bool) -> list[Workload]:
         out += [
             (f"LN forward {tag}", lambda lib, x, p, ct: lib.layer_norm(x, p), x, hidden),
             (f"LN train {tag}", _step(lambda lib, x, p: lib.layer_norm(x, p)), x, hidden),
+            (f"RMS forward {tag}", lambda lib, x, p, ct: lib.rms_norm(x, p), x, hidden),
             (f"RMS train {tag}", _step(lambda lib, x, p: lib.rms_norm(x, p)), x, hidden),
             (f"LN masked train {tag}", _step(lambda lib, x, p: lib.layer_norm(x, p, mask=mask)), x, hidden),
             (f"BN train {tag}", _batch_norm_step(True), xi, channels),

@@ -88,8 +88,9 @@ def _ulps(dtype) -> float:
 @pytest.mark.parametrize(("name", "fn", "shape"), CASES, ids=[c[0] for c in CASES])
 def test_formulations_agree(name, fn, shape, dtype):
     """The same formulas in both formulations. Not always bit for bit: without the barriers XLA
-    fuses the program differently and may add a row's terms in another order, so results may differ
-    by rounding, up to 4 ulps of the result's scale, and no more."""
+    fuses the program differently and may add terms in another order, so results may differ by
+    rounding: up to 4 ulps of the result's scale, times √(terms per element) for a result that sums
+    over x (a parameter's gradient sums over every row: 13 ulps seen over 4096 rows)."""
     x, p = _x(shape, dtype), _params(shape[-1])
     results = {f: _run(fn, x, p, f) for f in (*backend.FORMULATIONS, None)}
     ref = jax.tree.leaves(results["cpu"])
@@ -102,7 +103,9 @@ def test_formulations_agree(name, fn, shape, dtype):
                 np.testing.assert_array_equal(a64, b64)
                 continue
             scale = float(np.max(np.abs(b64))) if b64.size else 0.0
-            np.testing.assert_allclose(a64, b64, rtol=0, atol=4 * _ulps(a.dtype) * scale, err_msg=name)
+            terms = max(x.size // max(b64.size, 1), 1)
+            atol = 4 * _ulps(a.dtype) * scale * np.sqrt(terms)
+            np.testing.assert_allclose(a64, b64, rtol=0, atol=atol, err_msg=name)
 
 
 def test_formulations_agree_on_float64_reference():
@@ -162,7 +165,10 @@ def _temp_mib(fn, args, formulation):
 
 
 def _ln_step(x, p, ct):
-    return jax.vjp(lambda x, p: bnjax.layer_norm(x, p), x, p)[1](ct)
+    # y is an output too, as in a model: the rows method's overflow check reads y, so a program that
+    # discarded y would still compute it (an x-sized buffer the spellings are not about)
+    y, vjp = jax.vjp(lambda x, p: bnjax.layer_norm(x, p), x, p)
+    return y, vjp(ct)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])

@@ -380,6 +380,40 @@ def test_row_training_step_has_no_temporary_of_x_size(center, dtype):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's fusion decisions differ by backend")
+@pytest.mark.parametrize("shape", [(4096, 128), (64, 64, 128)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("center", [True, False])
+def test_row_method_reads_x_once_per_output(center, dtype, shape):
+    """Layer / RMS norm, rows method: outside the overflow fallback's loops, the compiled program
+    has one computation over x's size per output of that size (y; y and dx for a training step),
+    each of them one loop per row, and the overflow check reads one element per row. Guards the
+    spelling of the rows method's range mark (statistics.local_moments): the spellings that
+    XLA splits into several passes over x (a mark on M₂ or 1/σ) or folds away fail here."""
+    import math
+    import re
+
+    x, _ = data(shape, dtype)
+    p = params((128,))
+    norm = bnjax.layer_norm if center else bnjax.rms_norm
+
+    def step(x, p, ct):
+        y, vjp = jax.vjp(lambda x, p: norm(x, p), x, p)
+        return y, vjp(ct)
+
+    for fn, outputs in ((lambda x, p, ct: norm(x, p), 1), (step, 2)):
+        hlo = jax.jit(fn).lower(x, p, x).compile().as_text()
+        entry = hlo[hlo.index("ENTRY") :]
+        sized = []
+        for line in entry.splitlines():
+            m = re.search(r"= \w+\[([\d,]+)\]\S* fusion\(", line)
+            if m and math.prod(int(d) for d in m.group(1).split(",")) == x.size:
+                sized.append(line)
+        assert len(sized) == outputs, sized
+        assert all("kind=kCustom" in line for line in sized), sized  # XLA's one-loop-per-row fusion
+        assert " while(" in entry  # the fallback is there, in its loop
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's fusion decisions differ by backend")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batch_norm_training_step_has_no_temporary_of_x_size(dtype):
     """Batch norm (columns): every reduction is a pass of its own, and each pass (and each output)

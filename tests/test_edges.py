@@ -516,24 +516,76 @@ def test_the_fallback_is_not_hoisted_out_of_its_loop():
 _P16 = params(16)
 
 
-@pytest.mark.xfail(strict=True, reason="the rows method is not checked for overflow (README: Range)")
-@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_rows_method_beyond_float32_moments(name):
-    _, f, reference = _RANGE[name]
-    x = _wide((4096, 8), "max")
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: f(x, None))(x), np.float64), reference(x), atol=2e-5)
+_ROWS = {  # layer and RMS norm over 4096 rows or more, unmasked: the statistics' rows method
+    "layer_norm": (bnjax.layer_norm, ref.layer_norm),
+    "rms_norm": (bnjax.rms_norm, ref.rms_norm),
+}
+
+
+@pytest.mark.parametrize("shape", [(4096, 8), (16, 256, 8)])
+@pytest.mark.parametrize("kind", ["max", "spread"])
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_beyond_float32_moments(name, kind, shape):
+    """The rows method marks each row beyond its range, and the output is computed again from
+    moments scaled per row: right to float32's floor up to ±3.3e38, in 2-D and 3-D."""
+    from bnjax._src import statistics
+
+    f, reference = _ROWS[name]
+    x = _wide(shape, kind)
+    assert statistics.uses_rows(x.shape, (x.ndim - 1,), None)
+    y = np.asarray(jax.jit(lambda x: f(x, _P8))(x), np.float64)
+    np.testing.assert_allclose(y, reference(x, *_P8), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_beyond_float32_moments_in_bfloat16(name):
+    f, reference = _ROWS[name]
+    x = jnp.asarray(_wide((4096, 8), "max"), jnp.bfloat16)
+    y = np.asarray(jax.jit(lambda x: f(x, _P8))(x).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(y, reference(np.asarray(x.astype(jnp.float32)), *_P8), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["max", "spread"])
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_gradient_beyond_float32_moments(name, kind):
+    """dx, dg, db and dε of the rows method's fallback (fused, on x·s per row) against autodiff of
+    the scaled forward pass (fused_backward=False), down to the subnormal floor that dx ~ 1/σ
+    reaches near the float32 maximum; with parameters per feature (on a 2-D view of x) and per
+    example (on x's own shape), and with g shared along one of the normalized axes."""
+    f = _ROWS[name][0]
+    rng = np.random.default_rng(4)
+    cases = [
+        ((16, 256, 8), dict(), (8,)),
+        ((16, 256, 8), dict(), (16, 1, 8)),  # per example
+        ((4096, 2, 4), dict(axis=(1, 2), feature_axis=-1), (4,)),  # g along the last axis only
+    ]
+    for shape, kwargs, pshape in cases:
+        x = _wide(shape, kind)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        p = bnjax.NormParams(jnp.asarray(rng.uniform(0.5, 1.5, pshape), jnp.float32), jnp.zeros(pshape))
+
+        def grads(fused, x=x, dy=dy, p=p, kwargs=kwargs):
+            loss = lambda x, p, e: jnp.sum(f(x, p, eps=e, fused_backward=fused, **kwargs) * dy)  # noqa: E731
+            return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, p, 1e-5))
+
+        for got, expected in zip(grads(True), grads(False), strict=True):
+            got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+            assert np.isfinite(got).all()
+            atol = 2e-5 * np.max(np.abs(expected)) + 4 * np.finfo(np.float32).tiny
+            np.testing.assert_allclose(got, expected, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rows", [4095, 4096])
 @pytest.mark.parametrize("kind", ["max", "spread"])
-@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_layer_and_rms_norm_gradient_beyond_float32_moments_against_float64(name, kind, fused):
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_layer_and_rms_norm_gradient_beyond_float32_moments_against_float64(name, kind, rows, fused):
     """g = 1: layer norm's dx is batch norm's of xᵀ (float64 closed form); RMS norm's against a
     float64 vjp written out here: dx = (dy − x̂·mean(dy·x̂))/σ with x̂ = x/σ, σ² = mean x² + ε.
-    fused_backward=False differentiates the scaled moments (with L = 42 its RMS norm dx was up to
-    10 % off: ``spread_limit``)."""
-    f = getattr(bnjax, name)
-    x = _wide((4095, 8), kind)
+    4095 rows take the columns method, 4096 the rows method; fused_backward=False differentiates
+    the scaled moments (with L = 42 its RMS norm dx was up to 10 % off: ``spread_limit``)."""
+    f = _ROWS[name][0]
+    x = _wide((rows, 8), kind)
     dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     dx = jax.jit(jax.grad(lambda x: jnp.sum(f(x, bnjax.init_params(8), fused_backward=fused) * dy)))(x)
     if name == "layer_norm":
@@ -547,10 +599,112 @@ def test_layer_and_rms_norm_gradient_beyond_float32_moments_against_float64(name
     np.testing.assert_allclose(np.asarray(dx, np.float64), expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_rows_method_marks_exactly_the_rows_beyond_its_range(center):
+    """Rows within ``row_limit`` get the moments of the unmarked rows method bit for bit; a row
+    just beyond it, a row with inf and a row with NaN get NaN moments."""
+    from bnjax._src import statistics
+
+    x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
+    limit = statistics.row_limit(np.float32, 8, center)
+    x[1, 3] = np.nextafter(np.float32(limit), np.float32(0))  # within
+    x[2, 5] = -np.nextafter(np.float32(limit), np.float32(0))
+    x[3, 0] = np.nextafter(np.float32(limit), np.float32(np.inf))  # beyond
+    x[4, 7] = -np.nextafter(np.float32(limit), np.float32(np.inf))
+    x[5, 2], x[6, 1] = np.inf, np.nan
+    marked = jax.jit(lambda x: statistics.local_moments(x, (1,), center=center))(x)
+    plain = jax.jit(lambda x: statistics.local_moments(x, (1,), center=center, marked=False))(x)
+    beyond = np.zeros(4096, bool)
+    beyond[3:7] = True
+    for a, b in zip(marked, plain, strict=True):
+        a, b = np.broadcast_to(np.asarray(a), (4096, 1))[:, 0], np.broadcast_to(np.asarray(b), (4096, 1))[:, 0]
+        np.testing.assert_array_equal(a[~beyond], b[~beyond])
+    # the mark: μ = K + δ is NaN for layer norm (K for x beyond the limit, δ for NaN in x), so
+    # x − μ and the output are; M₂ about 0, so 1/σ and the output are
+    carrier = marked.shift + marked.offset if center else marked.m2
+    assert np.isnan(np.broadcast_to(np.asarray(carrier), (4096, 1))[beyond]).all()
+
+
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_fallback_leaves_the_other_rows_bit_identical(name):
+    """One row beyond the range, one row NaN: the fallback scales only those (s = 1 elsewhere,
+    exact), so every other row's output equals that of the same data without them, bit for bit;
+    the NaN row is NaN throughout, the wide row right."""
+    f, reference = _ROWS[name]
+    x = np.random.default_rng(1).standard_normal((4096, 8)).astype(np.float32)
+    plain = np.asarray(jax.jit(lambda x: f(x, _P8))(x))
+    x[7] = _wide((1, 8), "max")
+    x[9, 4] = np.nan
+    y = np.asarray(jax.jit(lambda x: f(x, _P8))(x))
+    others = np.setdiff1d(np.arange(4096), [7, 9])
+    np.testing.assert_array_equal(y[others], plain[others])
+    assert np.isnan(y[9]).all()
+    np.testing.assert_allclose(y[7], reference(x[7:8], *_P8)[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_under_vmap_each_member_gets_its_own_result(name):
+    """One member beyond the range: the others' outputs and gradients are bit-identical to the
+    unbatched call's (the fallback's loop runs for the batch, each member keeps its own)."""
+    f = _ROWS[name][0]
+    x = np.random.default_rng(1).standard_normal((3, 4096, 8)).astype(np.float32)
+    x[1] = _wide((4096, 8), "max")
+    one = jax.jit(lambda x: f(x, _P8))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(f(x, _P8)))))
+    batched, batched_grad = np.asarray(jax.vmap(one)(x)), np.asarray(jax.vmap(grad)(x))
+    for i in range(3):
+        np.testing.assert_array_equal(batched[i], np.asarray(one(x[i])))
+        np.testing.assert_array_equal(batched_grad[i], np.asarray(grad(x[i])))
+    np.testing.assert_allclose(batched[1], _ROWS[name][1](x[1], *_P8), atol=2e-5)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((4096, 8), -1), ((16, 8), -1), ((16, 8), 0)])
+@pytest.mark.parametrize("kind", ["max", "spread"])
+def test_moments_beyond_float32_range(kind, shape, axis):
+    """``moments`` on data whose moments overflow float32: μ right, σ² inf where σ² itself is
+    beyond float32 (here everywhere), both through the rows method (4096 rows, where σ² came out
+    finite and wrong: M₂ = ∞ − ∞, and XLA's row loop takes max(NaN, 0) as 0) and the columns one
+    (where it came out NaN)."""
+    x = _wide(shape, kind)
+    mean, var = jax.jit(lambda x: bnjax.moments(x, axis))(x)
+    x64 = x.astype(np.float64)
+    std = np.sqrt(x64.var(axis))
+    assert np.all(np.abs(np.asarray(mean, np.float64) - x64.mean(axis)) <= 1e-6 * std)
+    assert np.all(x64.var(axis) > np.finfo(np.float32).max) and np.isposinf(np.asarray(var)).all()
+
+
+def test_moments_beyond_the_float32_sums_but_not_the_variance():
+    """M₂ overflows but σ² = M₂/n does not (4096 values, σ = 1e19): σ² right, not inf."""
+    x = np.random.default_rng(2).standard_normal((2, 4096)).astype(np.float32) * np.float32(1e19)
+    mean, var = jax.jit(lambda x: bnjax.moments(x, -1))(x)
+    np.testing.assert_allclose(np.asarray(var, np.float64), x.astype(np.float64).var(-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mean, np.float64), x.astype(np.float64).mean(-1), atol=1e-6 * 1e19)
+
+
+@pytest.mark.parametrize("name", sorted(_ROWS))
+def test_rows_method_with_a_sharded_hidden_axis_beyond_float32_moments(name):
+    """Layer / RMS norm with the normalized axis split over 4 devices (axis_name): each device's
+    rows method marks its rows beyond range, the merged moments show it and the fallback runs."""
+    f, reference = _ROWS[name]
+    x = _wide((4096, 32), "max")
+    p = params(32)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("t",))
+
+    def per_shard(x, scale, bias):
+        return f(x, bnjax.NormParams(scale, bias), axis_name="t")
+
+    spec = P(None, "t")
+    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, P("t"), P("t")), out_specs=spec)
+    y = np.asarray(jax.jit(sharded)(x, *p), np.float64)
+    np.testing.assert_allclose(y, reference(x, *p), atol=2e-5, rtol=0)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(sharded(x, *p)))))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_an_all_true_mask_takes_the_checked_method_for_rows(name):
-    """The workaround README "Range" gives for the rows method: a mask, all True, selects the
-    columns method, which is checked for overflow."""
+def test_an_all_true_mask_takes_the_checked_columns_method(name):
+    """A mask, all True, selects the columns method for rows-shaped data: also right beyond the
+    float32 moments, by its own check."""
     _, f, reference = _RANGE[name]
     x = _wide((4096, 8), "max")
     mask = jnp.ones((4096, 1), bool)

@@ -47,6 +47,7 @@ only where the moments above came out non-finite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import backend, collective
+from bnjax._src.lazy import lazily
 from bnjax._src.validation import Axes, canonical_axes, check_floating, check_mask
 
 
@@ -226,8 +228,30 @@ def _column_moments(
     return Moments(n, jnp.where(valid, k, zero), jnp.where(valid, offset, zero), m2)
 
 
-def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
-    """The corrected two-pass around the clamped plain mean (trailing axes, no mask)."""
+def row_limit(dtype, size: int, center: bool) -> float:
+    """T: the rows method cannot overflow in ``dtype`` on a row of ``size`` elements with max |x| ≤ T.
+    T = √(F/(16n)) (``center``) or √(F/(4n)), F the largest float: then |Σx| ≤ n·T, |x − K| ≤ 2T,
+    and M₂ ≤ Σ(x − K)² ≤ 4n·T² = F/4 (Σx² ≤ n·T² = F/4 about 0)."""
+    return math.sqrt(float(jnp.finfo(dtype).max) / ((16 if center else 4) * max(size, 1)))
+
+
+def _row_mark(x: jax.Array, axes: tuple[int, ...], center: bool) -> jax.Array:
+    """Per row: 0 if max |x| ≤ ``row_limit``, NaN beyond it or for non-finite x: √(T − max x)·0 +
+    √(T + min x)·0. Spelled so that XLA keeps the row loop whole and cannot fold the mark away
+    (measured, jax 0.10 on CPU): two terms, each from x's own max or min (XLA merges those with
+    the moments' own); a spread max x − min x costs 13 % of a bfloat16 layer norm, marking M₂ or
+    1/σ from their own sums splits the loop, and (max x · F/T)·0 is reassociated by XLA into
+    max x · 0, which drops the limit."""
+    dtype = compute_dtype(x.dtype)
+    limit = row_limit(dtype, reduced_size(x.shape, axes), center)
+    high = jnp.max(x, axis=axes, keepdims=True).astype(dtype)
+    low = jnp.min(x, axis=axes, keepdims=True).astype(dtype)
+    return lax.stop_gradient(jnp.sqrt(limit - high) * 0 + jnp.sqrt(limit + low) * 0)
+
+
+def _row_moments(x: jax.Array, axes: tuple[int, ...], marked: bool) -> Moments:
+    """The corrected two-pass around the clamped plain mean (trailing axes, no mask); ``marked``:
+    see ``local_moments``."""
     dtype = compute_dtype(x.dtype)
     xc = x.astype(dtype)
     size = reduced_size(x.shape, axes)
@@ -242,6 +266,8 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...]) -> Moments:
     # K finite if Σx overflows. It is written with max/min, not a select: XLA on CPU does not fuse
     # a select into the row loop, and everything here (and the output) must stay in that one loop.
     k = lax.stop_gradient(jnp.minimum(jnp.maximum(total / size, low), high))
+    if marked:
+        k = k + _row_mark(x, axes, True)
     # Pass 2 (corrected two-pass): d = x − K, δ = Σd/n, M₂ = Σd² − δ·Σd. K differs from μ only by
     # the rounding error of Σx/n, so the correction δ·Σd is tiny: no cancellation to speak of.
     d = xc - k
@@ -272,10 +298,15 @@ def uses_rows(x_shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array |
 
 
 def _uncentred_moments(
-    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, scale: jax.Array | None = None
+    x: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    scale: jax.Array | None = None,
+    marked: bool = False,
 ) -> Moments:
     """Moments about 0 (RMS norm) of x·``scale``: mean 0 and M₂ = Σx², so that M₂/n = E[x²]; they
-    merge across participants like any other moments (all shifts are 0, so the merge is a plain sum)."""
+    merge across participants like any other moments (all shifts are 0, so the merge is a plain sum).
+    ``marked`` (rows, no mask, no scale): see ``local_moments``."""
     dtype = compute_dtype(x.dtype)
     xc = x.astype(dtype)
     if scale is not None:
@@ -284,7 +315,10 @@ def _uncentred_moments(
         xc = jnp.where(mask, xc, jnp.zeros((), dtype))
     n = count(x, axes, mask, dtype)
     zero = jnp.zeros(n.shape, dtype)
-    return Moments(n, zero, zero, jnp.sum(xc * xc, axis=axes, keepdims=True))
+    m2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
+    if marked:
+        m2 = m2 + _row_mark(x, axes, False)
+    return Moments(n, zero, zero, m2)
 
 
 def _local_scaled_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, center: bool) -> Scaled:
@@ -302,22 +336,28 @@ def _local_scaled_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array |
 
 
 def local_moments(
-    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None, *, center: bool = True
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None = None, *, center: bool = True, marked: bool = True
 ) -> Moments:
     """Moments over ``axes`` of this participant's data, in ``compute_dtype(x.dtype)``.
 
     Two numerically equivalent methods, chosen by shape for speed (see the module docstring):
     rows (``uses_rows``) and columns (everything else). ``center=False``: moments about 0
     (μ = 0, σ² = E[x²]). An empty reduction (a reduced axis of size 0) has n = 0 and moments 0.
+
+    The rows method marks each row beyond its range (``row_limit``): its μ (K + δ) or, about 0,
+    its M₂ is NaN, never a finite wrong value (see ``_row_mark``), so that ``overflowed`` and the
+    transform's check on its output see it. ``marked=False`` leaves the mark out, for callers
+    that know the data is within range (the backward pass, which follows the forward's check).
     """
     dtype = compute_dtype(x.dtype)
     if reduced_size(x.shape, axes) == 0:
         zero = jnp.zeros(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), dtype)
         return Moments(zero, zero, zero, zero)
+    rows = uses_rows(x.shape, axes, mask)
     if not center:
-        return _uncentred_moments(x, axes, mask)
-    if uses_rows(x.shape, axes, mask):
-        return _row_moments(x, axes)
+        return _uncentred_moments(x, axes, mask, marked=marked and rows)
+    if rows:
+        return _row_moments(x, axes, marked=marked)
     return _column_moments(x, axes, mask)
 
 
@@ -407,6 +447,27 @@ def global_scaled_moments(
     return merge_scaled_across(local, axis_name, axis_index_groups)
 
 
+def scaled_row_moments(x: jax.Array, axes: tuple[int, ...], center: bool) -> tuple[Scaled, jax.Array]:
+    """The rows method on x·s, s = 2^−k a power of two per row (``power_of_two_scale``) that brings
+    its spread max x − min x (max |x| for ``center=False``) below 2^L: (the moments of x·s, x·s).
+    x·s is taken in x's own dtype, exact for a power of two down to the subnormal range (2^−126,
+    2^−L·2^−126 of the row's spread, far below float32's resolution of it); so it needs no float32
+    copy of low-precision x, and XLA computes the moments and the output of x·s in one loop per
+    row again. One more pass over x, for the spread: the overflow fallback of the rows method."""
+    s = row_scale(x, axes, center)
+    scaled = x * s.astype(x.dtype)
+    return Scaled(local_moments(scaled, axes, None, center=center, marked=False), s), scaled
+
+
+def row_scale(x: jax.Array, axes: tuple[int, ...], center: bool) -> jax.Array:
+    """s of ``scaled_row_moments``, in ``compute_dtype(x.dtype)``: a pass of its own over x."""
+    dtype = compute_dtype(x.dtype)
+    (xc,) = backend.separate(x)
+    high = jnp.max(xc, axis=axes, keepdims=True).astype(dtype) * 0.5
+    low = jnp.min(xc, axis=axes, keepdims=True).astype(dtype) * 0.5
+    return power_of_two_scale(high - low if center else jnp.maximum(high, -low))
+
+
 def global_moments(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -456,6 +517,28 @@ def merge_scaled_across(
     return merge_scaled(Scaled(Moments(*parts[:4]), parts[4]), include)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScaledMoments:
+    """``moments``' overflow fallback (a value, for ``lazily``'s caches: a frozen dataclass, which
+    hashes by value like the transform's NamedTuples and, unlike them, type-checks as callable)."""
+
+    axes: tuple[int, ...]
+    axis_name: Any
+    groups: Any
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> Scaled:
+        if self.axis_name is None and uses_rows(x.shape, self.axes, mask):
+            # rows: each row scaled by its own power of two, s = 1 (exact) for the rows in range,
+            # whose moments stay those of the rows method, bit for bit
+            return scaled_row_moments(x, self.axes, True)[0]
+        return global_scaled_moments(x, self.axes, mask, self.axis_name, self.groups)
+
+
+def _static_groups(groups: collective.Groups | None) -> Any:
+    """``axis_index_groups`` as nested tuples (hashable, for ``_ScaledMoments``)."""
+    return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
+
+
 def moments(
     x: jax.Array,
     axis: Axes,
@@ -476,7 +559,10 @@ def moments(
     in float32 for bfloat16/float16 input. With ``mask``, only elements where ``mask`` is True
     count, each statistic weighted by its own count; a statistic with no valid element is 0. With
     ``axis_name``, the statistics are over the union of the data of every participant of that
-    mapped axis, count-weighted, and identical (replicated) on every participant.
+    mapped axis, count-weighted, and identical (replicated) on every participant. Beyond float32's
+    range for the moments (a spread past about 1e19): where they come out non-finite, they are
+    computed again from x·2^−k, a power of two per statistic (only then), so μ stays right and σ²
+    is right, or inf where σ² itself is beyond the dtype (not merely M₂ = n·σ²).
 
     Args:
       x: floating array of any shape.
@@ -507,7 +593,10 @@ def moments(
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
     mask = check_mask(mask, x)
     m = global_moments(x, axes, mask, axis_name, axis_index_groups)
-    mean, var = m.mean, m.var
+    redo = _ScaledMoments(axes, axis_name, _static_groups(axis_index_groups))
+    scaled, s = lazily(overflowed(m), Scaled(m, jnp.ones_like(m.m2)), redo, x, mask)
+    # σ² = (σ²s²/s)/s, not M₂/s² over n: M₂ = n·σ² may be beyond the dtype where σ² is not
+    mean, var = scaled.mean / s, (scaled.var / s) / s
     if not keepdims:
         mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
     return mean, var

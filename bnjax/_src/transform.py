@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -257,14 +258,17 @@ def _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center, autodif
     and the moments are computed again from the moments of x·s (``lazily``: only then). Under
     ``autodiff`` the moments of x·s are used from the start (one more pass over x): JAX would
     differentiate the unchecked moments too, and their non-finite partial derivatives times a
-    zero cotangent make NaN. The rows method (without ``axis_name``) is not checked: XLA computes
-    its statistics and y in one loop per row, which a check would split."""
+    zero cotangent make NaN. The rows method (without ``axis_name``) is checked on its output
+    instead: XLA computes its statistics and y in one loop per row, which a check on the moments
+    would split, so the moments mark every row beyond their range and the output shows the mark."""
     rows = statistics.uses_rows(x.shape, axes, mask)
-    if rows and axis_name is None:
-        m = _statistics(x, mask, axes, axis_name, groups, center)
-        return (_output(x, m, scale, bias, eps, center, rows, mask, autodiff), m), (x, scale, bias, mask, eps) + (
-            None,
-        ) * 3
+    if rows and axis_name is None and not autodiff:
+        m = _statistics(x, mask, axes, axis_name, groups, center)  # rows beyond range marked
+        y = _output(x, m, scale, bias, eps, center, rows, mask, autodiff)
+        overflow = _some_row_marked(y, axes)
+        redo = _ScaledForward(axes, axis_name, groups, center)
+        y, checked = lazily(overflow, (y, Scaled(m, jnp.ones_like(m.m2))), redo, x, scale, bias, mask, eps)
+        return (y, statistics.unscaled(checked)), (x, scale, bias, mask, eps, None, None, overflow)
     if autodiff:
         checked = statistics.global_scaled_moments(x, axes, mask, axis_name, groups, center=center)
         y = _output(x, checked.moments, scale, bias, eps, center, False, mask, autodiff, checked.scale)
@@ -279,6 +283,16 @@ def _forward(x, scale, bias, mask, eps, axes, axis_name, groups, center, autodif
     return (y, statistics.unscaled(checked)), (x, scale, bias, mask, eps, m, checked, overflow)
 
 
+def _some_row_marked(y: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Whether the rows method marked some row of its output y (``statistics.local_moments``: a
+    marked row is NaN throughout), read off the first element of each row: one element per row,
+    not a pass over y. Through a barrier, so that XLA does not take the read into the row loop as
+    a second output, which would split it."""
+    (y,) = backend.separate(y)
+    rows = math.prod(n for a, n in enumerate(y.shape) if a not in axes)
+    return jnp.any(jnp.isnan(y.reshape(rows, -1)[:, 0]))
+
+
 class _ScaledForward(NamedTuple):
     """The forward pass's overflow fallback: y and the moments from those of x·s (a value, for
     ``lazily``'s caches)."""
@@ -289,6 +303,11 @@ class _ScaledForward(NamedTuple):
     center: bool
 
     def __call__(self, x, scale, bias, mask, eps):
+        if self.axis_name is None and statistics.uses_rows(x.shape, self.axes, mask):
+            checked, scaled = statistics.scaled_row_moments(x, self.axes, self.center)
+            s = checked.scale
+            y = _output(scaled, checked.moments, scale, bias, eps * (s * s), self.center, True, None, False)
+            return y, checked
         checked = statistics.global_scaled_moments(x, self.axes, mask, self.axis_name, self.groups, center=self.center)
         y = _output(x, checked.moments, scale, bias, eps, self.center, False, mask, False, checked.scale)
         return y, checked
@@ -354,18 +373,25 @@ def _eps_cotangent(eps, inv, sum_dz_xhat):
     return (-0.5 * jnp.sum(inv * inv * sum_dz_xhat)).astype(eps.dtype)
 
 
-def _row_bwd(axes, center, x, scale, bias, eps, dy):
-    """The backward pass for rows, the statistics recomputed (see above); the same formulas."""
+def _row_bwd(axes, center, x, scale, bias, eps, dy, s=None):
+    """The backward pass for rows, the statistics recomputed (see above); the same formulas. ``s``
+    (the overflow fallback): a power of two per row (``statistics.scaled_row_moments``); the
+    passes work on x·s, whose output with ε·s² is the same, so dx is s times the derivative with
+    respect to x·s, and dε carries s² per row."""
     dtype = compute_dtype(x.dtype)
+    eps_rows = eps if s is None else eps * (s * s)
     # Copies of x, dy and g that XLA may not identify with each other or with the forward pass's:
     # dx and dg each recompute the statistics inside their own loop. Shared, the statistics would
     # be computed once, with several outputs, and split apart; a shared float32 convert of
     # low-precision dy, or a shared broadcast of g, would be written out to memory.
     x_dx, x_dg, dy_dx, dy_dg, dy_db, scale = backend.separate(x, x, dy, dy, dy, scale)
+    if s is not None:  # each pass scales its own copy (exact, in x's dtype): none is written out
+        s_dx, s_dg = backend.separate(s.astype(x.dtype), s.astype(x.dtype))
+        x_dx, x_dg = x_dx * s_dx, x_dg * s_dg
 
     def normalized(xv):  # x̂ = ((x − K) − δ)/σ, spelled as in the forward pass and statistics
-        m = _statistics(xv, None, axes, None, None, center)
-        inv = lax.rsqrt(m.var + eps)
+        m = statistics.local_moments(xv, axes, None, center=center, marked=False)  # checked forward
+        inv = lax.rsqrt(m.var + eps_rows)
         xc = xv.astype(dtype)
         return (((xc - m.shift) - m.offset) if center else xc) * inv, inv, m.count
 
@@ -380,14 +406,50 @@ def _row_bwd(axes, center, x, scale, bias, eps, dy):
     dx = inv * (d - coupled / n)
     dscale = None if scale is None else _param_cotangent(scale, dy_dg.astype(dtype) * normalized(x_dg)[0])
     dbias = None if bias is None else _param_cotangent(bias, dy_db.astype(dtype))
-    return dx.astype(x.dtype), dscale, dbias, None, _eps_cotangent(eps, inv, sum_d_xhat)
+    if s is None:
+        return dx.astype(x.dtype), dscale, dbias, None, _eps_cotangent(eps, inv, sum_d_xhat)
+    # 1/σ = s·inv: s last, so that a dx in float32's normal range does not pass through a subnormal
+    return (dx * s).astype(x.dtype), dscale, dbias, None, _eps_cotangent(eps, inv * s, sum_d_xhat)
 
 
 def _fused_bwd(axes, axis_name, groups, center, residuals, cotangents):
-    x, scale, bias, mask, eps, unchecked, checked, overflow = residuals
+    x, scale, bias, _, eps, unchecked, _, overflow = residuals
     dy = cotangents[0]  # the moments feed only stop_gradient'ed running statistics
     if unchecked is None:
-        return _row_bwd(axes, center, x, scale, bias, eps, dy)
+        fast = _row_bwd(axes, center, x, scale, bias, eps, dy)
+        return lazily(overflow, fast, _RowFallbackBwd(axes, center), x, scale, bias, eps, dy)
+    return _checked_bwd(axes, axis_name, groups, center, residuals, dy)
+
+
+class _RowFallbackBwd(NamedTuple):
+    """The rows method's backward pass where some row of x was beyond its range: on x·s, each row
+    scaled by its own power of two (1 for the rows within range), through a 2-D view of x where
+    g and b allow it."""
+
+    axes: tuple[int, ...]
+    center: bool
+
+    def __call__(self, x, scale, bias, eps, dy):
+        kept = [a for a in range(x.ndim) if a not in self.axes]
+        if any(p is not None and any(p.shape[a] != 1 for a in kept) for p in (scale, bias)):
+            # per-example g or b: on x's own shape
+            s = statistics.row_scale(x, self.axes, self.center)
+            return _row_bwd(self.axes, self.center, x, scale, bias, eps, dy, s)
+        # as (rows, features): XLA keeps a per-row multiply inside the row loops of 2-D data only
+        reduced = tuple(1 if a in kept else n for a, n in enumerate(x.shape))
+        rows = (-1, math.prod(reduced))
+        flat = [None if p is None else jnp.broadcast_to(p, reduced).reshape(1, -1) for p in (scale, bias)]
+        x2, dy2 = x.reshape(rows), dy.reshape(rows)
+        s = statistics.row_scale(x2, (1,), self.center)
+        dx, dscale, dbias, _, deps = _row_bwd((1,), self.center, x2, *flat, eps, dy2, s)
+        dscale, dbias = (
+            None if p is None else _param_cotangent(p, d.reshape(reduced)) for p, d in ((scale, dscale), (bias, dbias))
+        )
+        return dx.reshape(x.shape), dscale, dbias, None, deps
+
+
+def _checked_bwd(axes, axis_name, groups, center, residuals, dy):
+    x, scale, bias, mask, eps, unchecked, checked, overflow = residuals
     # The moments the forward pass used (statistics.Scaled: of x·s, s = 1 unless they overflowed):
     # x̂ = ((x·s − c) − r)·inv with inv = 1/√(σ²s² + εs²), and 1/σ = s·inv.
     m, s = checked
