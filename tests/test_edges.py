@@ -300,6 +300,16 @@ def test_empty_reductions_elsewhere():
     assert bnjax.group_norm(jnp.ones((0, 4, 4, 8)), params(8), num_groups=2).shape == (0, 4, 4, 8)
 
 
+def test_weights_with_no_output_unit_or_no_fan_in():
+    """Empty weights give empty results (spectral norm raised a ZeroDivisionError from reshape)."""
+    w_sn, u, sigma = bnjax.spectral_norm(jnp.zeros((3, 0)), jnp.zeros(0), return_sigma=True)
+    assert w_sn.shape == (3, 0) and u.shape == (0,) and float(sigma) == 0
+    assert bnjax.spectral_norm_init(jax.random.key(0), jnp.zeros((3, 0))).shape == (0,)
+    assert bnjax.weight_norm(jnp.zeros((0, 4)), jnp.ones(4)).shape == (0, 4)
+    assert bnjax.weight_norm_init(jnp.zeros((0, 4))).shape == (4,)
+    assert bnjax.cosine_norm(jnp.ones((2, 3)), jnp.ones((3, 0))).shape == (2, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Integer-like and structured arguments
 
@@ -331,7 +341,9 @@ def test_zero_one_masks_of_any_dtype_equal_the_boolean_one():
 # ---------------------------------------------------------------------------------------------
 # Range: finite input whose spread overflows float32 statistics (σ² beyond 3.4e38, or x − μ near
 # the float32 maximum). The columns method computes the moments of x·2^−k again (statistics,
-# "Range"); the rows method (layer/RMS norm, 4096 rows or more, no mask) cannot, see README.
+# "Range"); the rows method (layer/RMS norm, 4096 rows or more, no mask) marks the rows beyond
+# its range and computes those again from x·2^−k per row. The weight-side methods compute on w·s
+# from the start (weights are small).
 
 
 def _wide(shape, kind: str, seed: int = 0) -> np.ndarray:
@@ -709,6 +721,109 @@ def test_an_all_true_mask_takes_the_checked_columns_method(name):
     x = _wide((4096, 8), "max")
     mask = jnp.ones((4096, 1), bool)
     np.testing.assert_allclose(np.asarray(jax.jit(f)(x, mask), np.float64), reference(x), atol=2e-5)
+
+
+_RNG_W = np.random.default_rng(11)
+_U16 = (lambda u: u / np.linalg.norm(u))(_RNG_W.standard_normal(16)).astype(np.float32)
+_X32 = _RNG_W.standard_normal((8, 32)).astype(np.float32)
+_XI = _RNG_W.standard_normal((2, 6, 6, 3)).astype(np.float32)
+_V_INIT = _RNG_W.standard_normal((32, 16)).astype(np.float32)
+_WEIGHT_RANGE = {
+    # name: (bnjax function of the wide argument, float64 reference, wide argument's shape, kind)
+    "weight_norm": (
+        lambda v: bnjax.weight_norm(v, jnp.linspace(0.5, 2.0, 16)),
+        lambda v: ref.weight_norm(v, np.linspace(0.5, 2.0, 16)),
+        (32, 16),
+    ),
+    "weight_norm axis=None": (
+        lambda v: bnjax.weight_norm(v, jnp.asarray(3.0), axis=None),
+        lambda v: 3.0 * v.astype(np.float64) / np.linalg.norm(v.astype(np.float64)),
+        (32, 16),
+    ),
+    "weight_norm PyTorch layout": (
+        lambda v: bnjax.weight_norm(v, jnp.ones(16), axis=0),
+        lambda v: ref.weight_norm(v, np.ones(16), axis=0),
+        (16, 3, 3, 4),
+    ),
+    "weight_standardize": (bnjax.weight_standardize, ref.weight_standardize, (32, 16)),
+    "weight_standardize conv": (bnjax.weight_standardize, ref.weight_standardize, (3, 3, 4, 16)),
+    "spectral_norm": (
+        lambda w: bnjax.spectral_norm(w, _U16, n_steps=3)[0],
+        lambda w: ref.spectral_norm_power(w, _U16, n_steps=3)[0],
+        (32, 16),
+    ),
+    "cosine_norm w": (lambda w: bnjax.cosine_norm(_X32, w), lambda w: ref.cosine_norm(_X32, w), (32, 16)),
+    "cosine_norm_conv kernel": (
+        lambda k: bnjax.cosine_norm_conv(_XI, k),
+        lambda k: ref.cosine_norm_conv2d(_XI, k),
+        (3, 3, 3, 16),
+    ),
+    "weight_norm_data_init x": (
+        lambda x: jnp.stack(bnjax.weight_norm_data_init(_V_INIT, x)),
+        lambda x: np.stack(ref.weight_norm_data_init(_V_INIT, x)),
+        (64, 32),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["max", "spread"])
+@pytest.mark.parametrize("name", sorted(_WEIGHT_RANGE))
+def test_weight_side_methods_beyond_float32_range(name, kind):
+    """Weights (or, for the data-dependent init, x) whose sums of squares and products overflow
+    float32, up to ±3.3e38: computed on w·s, a power of two per norm, right against float64 (before:
+    NaN, or w = 0 from v/∞). weight_norm_data_init's μ and 1/σ are tiny there: compared relatively."""
+    f, reference, shape = _WEIGHT_RANGE[name]
+    w = _wide(shape, kind)
+    got, expected = np.asarray(jax.jit(f)(w), np.float64), reference(w)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.max(np.abs(expected)))
+
+
+def test_weight_norm_init_beyond_float32_range():
+    """g = ‖v‖: right where the norm fits float32 although Σv² does not, inf where it does not fit."""
+    v = np.random.default_rng(5).standard_normal((64, 4)).astype(np.float32) * np.float32(1e30)
+    v[:, 3] = 3e38
+    g = np.asarray(bnjax.weight_norm_init(v), np.float64)
+    norms = np.linalg.norm(v.astype(np.float64), axis=0)
+    np.testing.assert_allclose(g[:3], norms[:3], rtol=1e-6)
+    assert np.isposinf(g[3])
+
+
+@pytest.mark.parametrize(
+    "name", ["weight_norm", "weight_standardize", "spectral_norm", "cosine_norm w", "cosine_norm_conv kernel"]
+)
+def test_weight_side_gradients_beyond_float32_range(name):
+    """Each method is invariant under w → w·2^−100 (per unit for weight norm and standardization, as a
+    whole for spectral norm, per column or filter for cosine norm), so its gradient at w (σ ~ 1e30,
+    Σw² beyond float32) is 2^−100 times the gradient at w·2^−100 (ordinary size): exact in float32."""
+    f, _, shape = _WEIGHT_RANGE[name]
+    w = np.random.default_rng(6).standard_normal(shape).astype(np.float32) * np.float32(1e30)
+    dy = np.random.default_rng(7).standard_normal(np.shape(f(w))).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(f(w) * dy)))
+    small = np.float32(2.0**-100)
+    got, expected = np.asarray(grad(w), np.float64), np.asarray(grad(w * small), np.float64) * float(small)
+    assert np.isfinite(got).all() and np.all(got != 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected)))
+
+
+def test_cosine_norm_rows_beyond_float32_are_nan_not_zero():
+    """cosine_norm does not scale x: a row whose ‖x‖² overflows float32 is NaN (before: a silent
+    0 = num/∞ where the products did not overflow), and every other row is right; the same for
+    a patch of cosine_norm_conv (its positions NaN, the others right)."""
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((8, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    x[2] *= np.float32(1e19)  # ‖x‖² about 3e39, x·w about 1e20: the products fit, the norm does not
+    y = np.asarray(jax.jit(bnjax.cosine_norm)(x, w), np.float64)
+    assert np.isnan(y[2]).all()
+    others = np.arange(8) != 2
+    np.testing.assert_allclose(y[others], ref.cosine_norm(x[others], w), atol=1e-6)
+    xi, k = rng.standard_normal((1, 6, 6, 3)).astype(np.float32), rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    xi[0, 0, 0] = 3e19  # Σ over the patch about 2.7e39
+    y = np.asarray(jax.jit(bnjax.cosine_norm_conv)(xi, k), np.float64)
+    near = np.zeros((6, 6), bool)
+    near[:2, :2] = True  # the SAME-padded 3×3 patches that hold x[0, 0]
+    assert np.isnan(y[0][near]).all()
+    np.testing.assert_allclose(y[0][~near], ref.cosine_norm_conv2d(xi, k)[0][~near], atol=1e-6)
 
 
 def test_the_fallback_is_cached_not_rebuilt_per_call():

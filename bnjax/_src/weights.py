@@ -9,6 +9,11 @@ Layout: the output-unit axis is ``axis`` (default -1: Flax kernels, dense (in, o
 (kh, kw, in, out)); every other axis of the weight is fan-in. ``axis=0`` reads PyTorch weights
 (out, in, ...).
 
+Range: weights of any finite size give the right w. Each method computes on w·s, s = 2^−k
+(``_range_scale``: one power of two per norm, 1 for weights below 2^28), which no sum of squares
+or product can overflow: exact, and every method here is invariant under w → w·s, ε → ε·s². The
+scale costs one pass over the weights. Cosine norm's x is not scaled (see ``cosine_norm``).
+
 Zero-norm policy: every method is finite, with finite gradients, on all-zero weights (and, for
 cosine norm, on all-zero inputs). Weight norm and cosine norm put ε inside the square root,
 ‖v‖_ε = √(Σv² + ε), which is smooth everywhere (no ``where``, hence no NaN-gradient trap) and
@@ -19,6 +24,7 @@ weight and leaves its power-iteration state unchanged.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,10 +138,23 @@ def _check_unit_vector(value: Any, w: jax.Array, axis: int, name: str, fix: str)
 # Weight normalization
 
 
-def _sum_squares(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Σ v² over every axis not in ``axes`` (keepdims), in ``compute_dtype``: σ² of weight norm."""
-    vc = v.astype(compute_dtype(v.dtype))
-    return jnp.sum(vc * vc, axis=tuple(a for a in range(v.ndim) if a not in axes), keepdims=True)
+def _range_scale(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """s = 2^−k per slice of ``a`` (keepdims over ``axes``), in ``compute_dtype``: the largest power
+    of two ≤ 1 with max |a·s| < 2^L (``statistics.spread_limit``, L = 28 in float32), so that
+    Σ(a·s)² and the products of scaled operands stay finite; 1 for an empty reduction. No
+    gradient (s is piecewise constant)."""
+    if statistics.reduced_size(a.shape, axes) == 0:
+        return jnp.ones(tuple(1 if i in axes else n for i, n in enumerate(a.shape)), compute_dtype(a.dtype))
+    return statistics.row_scale(a, axes, False)
+
+
+def _sum_squares(v: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(Σ (v·s)² over every axis not in ``axes`` (keepdims), s): σ² of weight norm, of v·s
+    (``_range_scale``), in ``compute_dtype``."""
+    reduced = tuple(a for a in range(v.ndim) if a not in axes)
+    s = _range_scale(v, reduced)
+    vc = v.astype(compute_dtype(v.dtype)) * s
+    return jnp.sum(vc * vc, axis=reduced, keepdims=True), s
 
 
 def weight_norm(
@@ -163,7 +182,8 @@ def weight_norm(
     after which w no longer depends on ‖v‖). For ‖v_j‖² ≫ ε, w_j is g_j v_j/‖v_j‖ to rounding, so
     w is invariant to v → λv (λ > 0, per unit) and the gradient with respect to v scales by 1/λ.
 
-    Computed in float32 (or wider) for low-precision v; returned in v's dtype.
+    Computed in float32 (or wider) for low-precision v; returned in v's dtype. Any finite v: the
+    norm is taken of v·s, s a power of two per unit (1 below 2^28), so Σv² cannot overflow.
 
     Args:
       v: the direction, a floating array of rank ≥ 1, e.g. a kernel (in, out) or
@@ -201,7 +221,8 @@ def weight_norm(
     with jax.named_scope("bnjax.weight_norm"):
         shape = tuple(s if a in axes else 1 for a, s in enumerate(v.shape))
         scale = None if scale is None else scale.reshape(shape)
-        return apply_normalization(v, None, _sum_squares(v, axes), scale, None, eps, None)
+        sum_squares, s = _sum_squares(v, axes)
+        return apply_normalization(v, None, sum_squares, scale, None, eps, None, x_scale=s)
 
 
 def weight_norm_init(v: ArrayLike, *, axis: int | Sequence[int] | None = -1, eps: float = 1e-12) -> jax.Array:
@@ -234,8 +255,10 @@ def weight_norm_init(v: ArrayLike, *, axis: int | Sequence[int] | None = -1, eps
     v = check_floating(v, "v")
     axes = _feature_axes(axis, v, "v")
     check_eps(eps)
-    ss = _sum_squares(v, axes)
-    return jnp.sqrt(ss + jnp.asarray(eps, ss.dtype)).reshape(tuple(v.shape[a] for a in axes)).astype(v.dtype)
+    ss, s = _sum_squares(v, axes)
+    # √(Σ(v·s)² + ε·s²)/s: inf only where ‖v‖ itself is beyond v's dtype
+    g = jnp.sqrt(ss + jnp.asarray(eps, ss.dtype) * (s * s)) / s
+    return g.reshape(tuple(v.shape[a] for a in axes)).astype(v.dtype)
 
 
 def weight_norm_data_init(
@@ -313,10 +336,13 @@ def weight_norm_data_init(
         direction = weight_norm(v, jnp.ones(v.shape[ax], v.dtype), axis=ax, eps=norm_eps)
         dtype = compute_dtype(jnp.promote_types(v.dtype, x.dtype))
         kernel = jnp.moveaxis(direction.astype(dtype), ax, -1)  # (in, out)
-        t = jnp.matmul(x.astype(dtype), kernel, precision=_HIGHEST)
+        # t·s from x·s, one power of two for the batch (``_range_scale``): |t·s| ≤ ‖x·s‖ (‖v‖ = 1
+        # columns), finite; 1/σ = s/√(σ²(t·s) + ε·s²), and μ·(1/σ) = μ(t·s)/√(σ²(t·s) + ε·s²)
+        s = _range_scale(x, tuple(range(x.ndim))).reshape(())
+        t = jnp.matmul(x.astype(dtype) * s, kernel, precision=_HIGHEST)
         m = statistics.local_moments(t, tuple(range(t.ndim - 1)))
-        inv = init_scale * lax.rsqrt(m.var + jnp.asarray(eps, dtype))
-        g = inv.reshape(-1)
+        inv = init_scale * lax.rsqrt(m.var + jnp.asarray(eps, dtype) * (s * s))
+        g = (inv * s).reshape(-1)
         b = (-m.mean * inv).reshape(-1)
         return g.astype(v.dtype), b.astype(v.dtype)
 
@@ -334,8 +360,8 @@ def weight_standardize(w: ArrayLike, *, axis: int = -1, eps: float = 1e-5) -> ja
         ŵ_j = (w_j − μ_j) / √(σ²_j + ε)          (σ² the population variance)
 
     the core h = (x − μ)/√(σ² + ε) with x = w; μ and σ² by the same stable routine as layer
-    norm. Invariant to w_j → λ_j w_j + c_j (λ_j > 0) up to ε. A constant unit gives ŵ_j = 0
-    with finite gradients.
+    norm, from w·s (s a power of two per unit, 1 for ordinary w: any finite w). Invariant to
+    w_j → λ_j w_j + c_j (λ_j > 0) up to ε. A constant unit gives ŵ_j = 0 with finite gradients.
 
     Args:
       w: floating kernel of rank ≥ 2, e.g. (in, out) or (kh, kw, in, out).
@@ -368,8 +394,8 @@ def weight_standardize(w: ArrayLike, *, axis: int = -1, eps: float = 1e-5) -> ja
             "a fan-in of at least 2, or check axis."
         )
     with jax.named_scope("bnjax.weight_standardize"):
-        m = statistics.local_moments(w, fan_in)
-        return apply_normalization(w, (m.shift, m.offset), m.var, None, None, eps, None)
+        m, s = statistics.global_scaled_moments(w, fan_in)  # of w·s: any finite w
+        return apply_normalization(w, (m.shift, m.offset), m.var, None, None, eps, None, x_scale=s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +404,8 @@ def weight_standardize(w: ArrayLike, *, axis: int = -1, eps: float = 1e-5) -> ja
 
 def _as_matrix(w: jax.Array, axis: int) -> jax.Array:
     """W of shape (out, fan_in): row j is output unit j's weights (PyTorch's orientation)."""
-    return jnp.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    # the fan-in size spelled out: reshape's -1 cannot be inferred for a weight with no output unit
+    return jnp.moveaxis(w, axis, 0).reshape(w.shape[axis], math.prod(n for a, n in enumerate(w.shape) if a != axis))
 
 
 def _l2_normalize(x: jax.Array, eps) -> tuple[jax.Array, jax.Array]:
@@ -454,7 +481,8 @@ def spectral_norm(
     ``training=True`` runs ``n_steps`` steps and returns the new u (``n_steps=0``: no step, u
     unchanged); ``training=False`` runs none and returns u unchanged. Norms are floored at ε as
     in PyTorch; a step on an all-zero W keeps u, and an all-zero W (σ = 0) gives w_SN = 0 with
-    finite gradients.
+    finite gradients. Any finite w: the iteration runs on W·s, one power of two (1 below 2^28),
+    and σ = σ(W·s)/s (inf only where σ itself is beyond the dtype).
 
     Args:
       w: floating weight of rank ≥ 2, e.g. a Flax kernel (in, out) / (kh, kw, in, out) with
@@ -512,15 +540,19 @@ def spectral_norm(
             raise TypeError(f"{flag} must be a Python bool, got {type(value).__name__}.")
     with jax.named_scope("bnjax.spectral_norm"):
         dtype = compute_dtype(jnp.promote_types(w.dtype, u.dtype))
-        mat = _as_matrix(w.astype(dtype), ax)
+        # on W·s, one power of two (``_range_scale``): Wv and its norms stay finite, u and v are
+        # the same, σ(W·s) = σ·s and w/σ = (w·s)/σ(W·s)
+        s = _range_scale(w, tuple(range(w.ndim))).reshape(()).astype(dtype)
+        ws = w.astype(dtype) * s
+        mat = _as_matrix(ws, ax)
         steps = n_steps if training else 0
         new_u, v = _power_iteration(mat, u.astype(dtype), steps, eps, sigma_from == "v", keep_u)
         sigma = jnp.dot(new_u, jnp.matmul(mat, v, precision=_HIGHEST), precision=_HIGHEST)
         # σ = 0 only for an all-zero W (or a zero u): divide by 1 there, so w_SN = w = 0 and the
         # gradient is finite, where a floor max(σ, ε) would give gradients of order 1/ε.
-        y = w.astype(dtype) / jnp.where(sigma > 0, sigma, jnp.ones((), dtype))
+        y = ws / jnp.where(sigma > 0, sigma, jnp.ones((), dtype))
         out = y.astype(w.dtype), (new_u.astype(u.dtype) if training else u)
-        return (*out, sigma.astype(u.dtype)) if return_sigma else out
+        return (*out, (sigma / s).astype(u.dtype)) if return_sigma else out
 
 
 def spectral_norm_init(
@@ -566,7 +598,8 @@ def spectral_norm_init(
     check_eps(eps)
     cdtype = compute_dtype(jnp.promote_types(w.dtype, dtype))
     u0 = _l2_normalize(jax.random.normal(key, (w.shape[ax],), cdtype), eps)[0]
-    u, _ = _power_iteration(_as_matrix(w.astype(cdtype), ax), u0, n_warmup, eps)
+    ws = w.astype(cdtype) * _range_scale(w, tuple(range(w.ndim)))  # as spectral_norm
+    u, _ = _power_iteration(_as_matrix(ws, ax), u0, n_warmup, eps)
     return u.astype(dtype)
 
 
@@ -581,7 +614,11 @@ def _safe_norm(sum_squares: jax.Array, eps) -> jax.Array:
 
 
 def _cosine(num: jax.Array, x_norm: jax.Array, w_norm: jax.Array, dtype) -> jax.Array:
-    # |x·w| ≤ ‖x‖_ε ‖w‖_ε holds exactly; the clip only absorbs rounding.
+    # |x·w| ≤ ‖x‖_ε ‖w‖_ε holds exactly; the clip only absorbs rounding. w is scaled (finite
+    # norms), x is not: where ‖x‖² overflowed, num/∞ would be a silent 0, so ‖x‖ + (‖x‖ − ‖x‖)·0
+    # makes that row NaN instead. On ‖x‖ (a value per row), not on y: a term on y costs 7 % of a
+    # float32 training step (measured); a test checks that the clip passes the NaN on.
+    x_norm = x_norm + lax.stop_gradient(x_norm - x_norm) * 0
     return jnp.clip(num / (x_norm * w_norm), -1.0, 1.0).astype(dtype)
 
 
@@ -601,6 +638,12 @@ def cosine_norm(
     bounded in [−1, 1] (clipped against rounding); no g, b. ε keeps a zero input or a zero column
     finite: it gives y = 0 with finite gradients. For ‖x‖², ‖w_j‖² ≫ ε, y is cos θ to rounding,
     invariant to x → λx (per example) and w[:, j] → λ_j w[:, j] (λ > 0).
+
+    Range: any finite w (each column is scaled by a power of two, exact). x is not scaled, since
+    that costs an x-sized pass on every call (1.1–1.6× a float32 training step, measured): an
+    example whose ‖x‖² overflows the compute dtype (‖x‖ above about 1.8e19 in float32) gives
+    NaN in its row, never a finite wrong value; divide such x by a power of two first (y does
+    not change).
 
     Args:
       x: floating inputs (..., in).
@@ -636,10 +679,11 @@ def cosine_norm(
         )
     with jax.named_scope("bnjax.cosine_norm"):
         dtype = compute_dtype(jnp.promote_types(x.dtype, w.dtype))
-        xc, wc = x.astype(dtype), w.astype(dtype)
+        s = _range_scale(w, (0,)).astype(dtype)  # (1, out): w·s, ε·s² (any finite w)
+        xc, wc = x.astype(dtype), w.astype(dtype) * s
         num = jnp.matmul(xc, wc, precision=precision)
         x_norm = _safe_norm(jnp.sum(xc * xc, axis=-1, keepdims=True), eps)  # (..., 1)
-        w_norm = _safe_norm(jnp.sum(wc * wc, axis=0, keepdims=True), eps)  # (1, out)
+        w_norm = _safe_norm(jnp.sum(wc * wc, axis=0, keepdims=True), jnp.asarray(eps, dtype) * (s * s))
         w_norm = w_norm.reshape((1,) * (num.ndim - 1) + w_norm.shape[-1:])
         return _cosine(num, x_norm, w_norm, x.dtype)
 
@@ -678,7 +722,8 @@ def cosine_norm_conv(
     where patch_p is the (zero-padded) input window under output position p and k_j filter j.
     ‖patch‖² is itself a convolution: x² with a one-filter kernel of ones. Bounded in [−1, 1];
     a zero patch or a zero filter gives 0 with finite gradients. With a 1×1 window this is
-    ``cosine_norm`` applied at every position.
+    ``cosine_norm`` applied at every position. Range as ``cosine_norm``: any finite kernel; a
+    patch whose ‖patch‖² overflows gives NaN at that position.
 
     Args:
       x: floating input (N, *spatial, in), e.g. NHWC.
@@ -726,7 +771,8 @@ def cosine_norm_conv(
     padding = _check_padding(padding, spatial)
     with jax.named_scope("bnjax.cosine_norm_conv"):
         dtype = compute_dtype(jnp.promote_types(x.dtype, kernel.dtype))
-        xc, kc = x.astype(dtype), kernel.astype(dtype)
+        s = _range_scale(kernel, tuple(range(kernel.ndim - 1))).astype(dtype)  # per filter, as cosine_norm
+        xc, kc = x.astype(dtype), kernel.astype(dtype) * s
         channels_last = tuple(range(1, spatial + 1))
         dims = lax.ConvDimensionNumbers(
             lhs_spec=(0, spatial + 1, *channels_last),
@@ -740,5 +786,6 @@ def cosine_norm_conv(
         num = conv(xc, kc)
         ones = jnp.ones(kernel.shape[:-1] + (1,), dtype)
         patch_norm = _safe_norm(conv(xc * xc, ones), eps)  # (N, *out_spatial, 1)
-        k_norm = _safe_norm(jnp.sum(kc * kc, axis=tuple(range(kernel.ndim - 1))), eps)
+        k_eps = jnp.asarray(eps, dtype) * (s * s).reshape(-1)
+        k_norm = _safe_norm(jnp.sum(kc * kc, axis=tuple(range(kernel.ndim - 1))), k_eps)
         return _cosine(num, patch_norm, k_norm.reshape((1,) * (num.ndim - 1) + k_norm.shape), x.dtype)
