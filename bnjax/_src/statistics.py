@@ -42,7 +42,10 @@ Range. In float32, M₂ overflows once the spread of a statistic passes about 2�
 that brings the spread max |x − K| below 2^L (``spread_limit``): exact, since multiplying by a
 power of two commutes with rounding; the output is invariant under x → x·s, ε → ε·s² (``Scaled``).
 It is the columns method with one more pass over x (for the spread), and the transform runs it
-only where the moments above came out non-finite.
+only where the moments above came out non-finite. The rows method cannot test its moments
+without splitting its loop: it marks each row beyond ``row_limit`` with NaN moments instead
+(``local_moments``), and ``scaled_row_moments`` computes those rows again from x·s, a power of
+two per row.
 """
 
 from __future__ import annotations
