@@ -25,6 +25,12 @@ AxisName = str | Sequence[str]
 Groups = Sequence[Sequence[int]]
 
 
+def static_groups(axis_index_groups: Groups | None) -> tuple[tuple[int, ...], ...] | None:
+    """``axis_index_groups`` as nested tuples of ints: hashable, for the settings of a custom VJP
+    or of a ``lazily`` fallback, which JAX caches by value."""
+    return None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+
 def _names(axis_name: AxisName) -> tuple[str, ...]:
     return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 

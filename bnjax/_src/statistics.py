@@ -238,17 +238,21 @@ def row_limit(dtype, size: int, center: bool) -> float:
     return math.sqrt(float(jnp.finfo(dtype).max) / ((16 if center else 4) * max(size, 1)))
 
 
-def _row_mark(x: jax.Array, axes: tuple[int, ...], center: bool) -> jax.Array:
-    """Per row: 0 if max |x| ≤ ``row_limit``, NaN beyond it or for non-finite x: √(T − max x)·0 +
-    √(T + min x)·0. Spelled so that XLA keeps the row loop whole and cannot fold the mark away
-    (measured, jax 0.10 on CPU): two terms, each from x's own max or min (XLA merges those with
-    the moments' own); a spread max x − min x costs 13 % of a bfloat16 layer norm, marking M₂ or
-    1/σ from their own sums splits the loop, and (max x · F/T)·0 is reassociated by XLA into
-    max x · 0, which drops the limit."""
+def _extremes(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(min x, max x) over ``axes`` (keepdims), taken in x's own dtype and then converted to
+    ``compute_dtype`` (exact: converting is monotone), which spares low-precision x two converts
+    per element in the row loop (about 10 % of a bfloat16 forward pass on CPU)."""
     dtype = compute_dtype(x.dtype)
-    limit = row_limit(dtype, reduced_size(x.shape, axes), center)
-    high = jnp.max(x, axis=axes, keepdims=True).astype(dtype)
-    low = jnp.min(x, axis=axes, keepdims=True).astype(dtype)
+    return jnp.min(x, axis=axes, keepdims=True).astype(dtype), jnp.max(x, axis=axes, keepdims=True).astype(dtype)
+
+
+def _row_mark(low: jax.Array, high: jax.Array, limit: float) -> jax.Array:
+    """Per row of extremes (``_extremes``): 0 if max |x| ≤ ``limit`` (``row_limit``), NaN beyond it
+    or for non-finite x: √(T − max x)·0 + √(T + min x)·0. Spelled so that XLA keeps the row loop
+    whole and cannot fold the mark away (measured, jax 0.10 on CPU): two terms, each from x's own
+    max or min (for layer norm, the ones its clamp uses); a spread max x − min x costs 13 % of a
+    bfloat16 layer norm, marking M₂ or 1/σ from their own sums splits the loop, and
+    (max x · F/T)·0 is reassociated by XLA into max x · 0, which drops the limit."""
     return lax.stop_gradient(jnp.sqrt(limit - high) * 0 + jnp.sqrt(limit + low) * 0)
 
 
@@ -260,17 +264,14 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...], marked: bool) -> Moments:
     size = reduced_size(x.shape, axes)
     n = jnp.full(tuple(1 if a in axes else s for a, s in enumerate(x.shape)), size, dtype)
     total = jnp.sum(xc, axis=axes, keepdims=True)
-    # min and max in x's own dtype (exact: converting is monotone), which spares low-precision x
-    # two converts per element in the row loop (about 10 % of a bfloat16 forward pass on CPU)
-    low = jnp.min(x, axis=axes, keepdims=True).astype(dtype)
-    high = jnp.max(x, axis=axes, keepdims=True).astype(dtype)
+    low, high = _extremes(x, axes)
     # Pass 1: the plain mean, clamped into [min x, max x], used only as the shift K of pass 2: its
     # rounding error costs nothing there. The clamp makes K = x exactly for a constant row and keeps
     # K finite if Σx overflows. It is written with max/min, not a select: XLA on CPU does not fuse
     # a select into the row loop, and everything here (and the output) must stay in that one loop.
     k = lax.stop_gradient(jnp.minimum(jnp.maximum(total / size, low), high))
     if marked:
-        k = k + _row_mark(x, axes, True)
+        k = k + _row_mark(low, high, row_limit(dtype, size, True))
     # Pass 2 (corrected two-pass): d = x − K, δ = Σd/n, M₂ = Σd² − δ·Σd. K differs from μ only by
     # the rounding error of Σx/n, so the correction δ·Σd is tiny: no cancellation to speak of.
     d = xc - k
@@ -320,7 +321,7 @@ def _uncentred_moments(
     zero = jnp.zeros(n.shape, dtype)
     m2 = jnp.sum(xc * xc, axis=axes, keepdims=True)
     if marked:
-        m2 = m2 + _row_mark(x, axes, False)
+        m2 = m2 + _row_mark(*_extremes(x, axes), row_limit(dtype, reduced_size(x.shape, axes), False))
     return Moments(n, zero, zero, m2)
 
 
@@ -464,10 +465,9 @@ def scaled_row_moments(x: jax.Array, axes: tuple[int, ...], center: bool) -> tup
 
 def row_scale(x: jax.Array, axes: tuple[int, ...], center: bool) -> jax.Array:
     """s of ``scaled_row_moments``, in ``compute_dtype(x.dtype)``: a pass of its own over x."""
-    dtype = compute_dtype(x.dtype)
     (xc,) = backend.separate(x)
-    high = jnp.max(xc, axis=axes, keepdims=True).astype(dtype) * 0.5
-    low = jnp.min(xc, axis=axes, keepdims=True).astype(dtype) * 0.5
+    low, high = _extremes(xc, axes)
+    low, high = low * 0.5, high * 0.5
     return power_of_two_scale(high - low if center else jnp.maximum(high, -low))
 
 
@@ -537,11 +537,6 @@ class _ScaledMoments:
         return global_scaled_moments(x, self.axes, mask, self.axis_name, self.groups)
 
 
-def _static_groups(groups: collective.Groups | None) -> Any:
-    """``axis_index_groups`` as nested tuples (hashable, for ``_ScaledMoments``)."""
-    return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
-
-
 def moments(
     x: jax.Array,
     axis: Axes,
@@ -596,7 +591,7 @@ def moments(
     axes = canonical_axes(axis, x.ndim, shape=x.shape)
     mask = check_mask(mask, x)
     m = global_moments(x, axes, mask, axis_name, axis_index_groups)
-    redo = _ScaledMoments(axes, axis_name, _static_groups(axis_index_groups))
+    redo = _ScaledMoments(axes, axis_name, collective.static_groups(axis_index_groups))
     scaled, s = lazily(overflowed(m), Scaled(m, jnp.ones_like(m.m2)), redo, x, mask)
     # σ² = (σ²s²/s)/s, not M₂/s² over n: M₂ = n·σ² may be beyond the dtype where σ² is not
     mean, var = scaled.mean / s, (scaled.var / s) / s

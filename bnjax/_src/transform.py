@@ -204,7 +204,7 @@ def normalize_with_statistics(
     x̂ in float32 as a residual where this rule keeps x.
     """
     eps = jnp.asarray(eps, compute_dtype(x.dtype))
-    groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    groups = collective.static_groups(axis_index_groups)
     names = None if axis_name is None else (axis_name if isinstance(axis_name, str) else tuple(axis_name))
     if names is not None and not collective.is_manual(names):
         # a vmap axis (not a shard_map/pmap one): JAX traces a custom VJP's backward rule outside

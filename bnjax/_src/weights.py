@@ -408,6 +408,13 @@ def _as_matrix(w: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(w, axis, 0).reshape(w.shape[axis], math.prod(n for a, n in enumerate(w.shape) if a != axis))
 
 
+def _scaled_whole(w: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(w·s in ``dtype``, s): one power of two for all of w (``_range_scale``), on which the power
+    iteration runs: Wv and its norms stay finite, u and v are those of w, σ(W·s) = σ·s."""
+    s = _range_scale(w, tuple(range(w.ndim))).reshape(()).astype(dtype)
+    return w.astype(dtype) * s, s
+
+
 def _l2_normalize(x: jax.Array, eps) -> tuple[jax.Array, jax.Array]:
     """x / max(‖x‖, ε), as Miyato et al.'s and PyTorch's power iteration (finite for x = 0)."""
     norm = jnp.sqrt(jnp.sum(x * x))
@@ -540,10 +547,7 @@ def spectral_norm(
             raise TypeError(f"{flag} must be a Python bool, got {type(value).__name__}.")
     with jax.named_scope("bnjax.spectral_norm"):
         dtype = compute_dtype(jnp.promote_types(w.dtype, u.dtype))
-        # on W·s, one power of two (``_range_scale``): Wv and its norms stay finite, u and v are
-        # the same, σ(W·s) = σ·s and w/σ = (w·s)/σ(W·s)
-        s = _range_scale(w, tuple(range(w.ndim))).reshape(()).astype(dtype)
-        ws = w.astype(dtype) * s
+        ws, s = _scaled_whole(w, dtype)  # w/σ = (w·s)/σ(W·s)
         mat = _as_matrix(ws, ax)
         steps = n_steps if training else 0
         new_u, v = _power_iteration(mat, u.astype(dtype), steps, eps, sigma_from == "v", keep_u)
@@ -598,8 +602,7 @@ def spectral_norm_init(
     check_eps(eps)
     cdtype = compute_dtype(jnp.promote_types(w.dtype, dtype))
     u0 = _l2_normalize(jax.random.normal(key, (w.shape[ax],), cdtype), eps)[0]
-    ws = w.astype(cdtype) * _range_scale(w, tuple(range(w.ndim)))  # as spectral_norm
-    u, _ = _power_iteration(_as_matrix(ws, ax), u0, n_warmup, eps)
+    u, _ = _power_iteration(_as_matrix(_scaled_whole(w, cdtype)[0], ax), u0, n_warmup, eps)
     return u.astype(dtype)
 
 
@@ -611,6 +614,16 @@ def _safe_norm(sum_squares: jax.Array, eps) -> jax.Array:
     # ε inside the root keeps the norm smooth at 0 (no NaN gradient); the clamp absorbs sums of
     # squares that a fast (e.g. Winograd) convolution rounds slightly below 0.
     return jnp.sqrt(jnp.maximum(sum_squares, 0) + jnp.asarray(eps, sum_squares.dtype))
+
+
+def _scaled_filters(w: jax.Array, dtype, eps) -> tuple[jax.Array, jax.Array]:
+    """(w·s, √(Σ(w·s)² + ε·s²) = s·‖w‖_ε) in ``dtype`` for a kernel whose last axis is the output
+    units: s a power of two per unit (``_range_scale``), so the norm (shape (out,)) stays finite
+    and the cosine, taken of w·s, is that of w."""
+    reduced = tuple(range(w.ndim - 1))
+    s = _range_scale(w, reduced).astype(dtype)
+    ws = w.astype(dtype) * s
+    return ws, _safe_norm(jnp.sum(ws * ws, axis=reduced), jnp.asarray(eps, dtype) * (s * s).reshape(-1))
 
 
 def _cosine(num: jax.Array, x_norm: jax.Array, w_norm: jax.Array, dtype) -> jax.Array:
@@ -679,12 +692,11 @@ def cosine_norm(
         )
     with jax.named_scope("bnjax.cosine_norm"):
         dtype = compute_dtype(jnp.promote_types(x.dtype, w.dtype))
-        s = _range_scale(w, (0,)).astype(dtype)  # (1, out): w·s, ε·s² (any finite w)
-        xc, wc = x.astype(dtype), w.astype(dtype) * s
+        xc = x.astype(dtype)
+        wc, w_norm = _scaled_filters(w, dtype, eps)  # any finite w
         num = jnp.matmul(xc, wc, precision=precision)
         x_norm = _safe_norm(jnp.sum(xc * xc, axis=-1, keepdims=True), eps)  # (..., 1)
-        w_norm = _safe_norm(jnp.sum(wc * wc, axis=0, keepdims=True), jnp.asarray(eps, dtype) * (s * s))
-        w_norm = w_norm.reshape((1,) * (num.ndim - 1) + w_norm.shape[-1:])
+        w_norm = w_norm.reshape((1,) * (num.ndim - 1) + w_norm.shape)
         return _cosine(num, x_norm, w_norm, x.dtype)
 
 
@@ -771,8 +783,8 @@ def cosine_norm_conv(
     padding = _check_padding(padding, spatial)
     with jax.named_scope("bnjax.cosine_norm_conv"):
         dtype = compute_dtype(jnp.promote_types(x.dtype, kernel.dtype))
-        s = _range_scale(kernel, tuple(range(kernel.ndim - 1))).astype(dtype)  # per filter, as cosine_norm
-        xc, kc = x.astype(dtype), kernel.astype(dtype) * s
+        xc = x.astype(dtype)
+        kc, k_norm = _scaled_filters(kernel, dtype, eps)  # any finite kernel
         channels_last = tuple(range(1, spatial + 1))
         dims = lax.ConvDimensionNumbers(
             lhs_spec=(0, spatial + 1, *channels_last),
@@ -786,6 +798,4 @@ def cosine_norm_conv(
         num = conv(xc, kc)
         ones = jnp.ones(kernel.shape[:-1] + (1,), dtype)
         patch_norm = _safe_norm(conv(xc * xc, ones), eps)  # (N, *out_spatial, 1)
-        k_eps = jnp.asarray(eps, dtype) * (s * s).reshape(-1)
-        k_norm = _safe_norm(jnp.sum(kc * kc, axis=tuple(range(kernel.ndim - 1))), k_eps)
         return _cosine(num, patch_norm, k_norm.reshape((1,) * (num.ndim - 1) + k_norm.shape), x.dtype)
